@@ -32,7 +32,10 @@ pub(crate) fn text(field: &str, value: &str, max_chars: usize) -> Result<(), Fie
         ));
     }
     if value.chars().any(char::is_control) {
-        return Err(FieldError::new(field, "must not contain control characters"));
+        return Err(FieldError::new(
+            field,
+            "must not contain control characters",
+        ));
     }
     Ok(())
 }

@@ -69,7 +69,9 @@ impl Executor {
             }
             ExecutorCommand::Heartbeat { at } => {
                 let state = self.live()?;
-                let lease_expires_at = at + Duration::seconds(i64::from(self.lease_s));
+                // A late, older heartbeat never shortens the lease.
+                let lease_expires_at = (at + Duration::seconds(i64::from(self.lease_s)))
+                    .max(self.lease_expires_at.unwrap_or_default());
                 let mut events = Vec::with_capacity(2);
                 if state == ExecutorState::Registered {
                     events.push(ExecutorEvent::ExecutorActivated { at });

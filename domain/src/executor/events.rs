@@ -30,12 +30,12 @@ impl GpuInfo {
             validate::text(&field("uuid"), &gpu.uuid, 128)?;
             validate::text(&field("name"), &gpu.name, 128)?;
             validate::range(&field("memory_mb"), gpu.memory_mb, 1, 1024 * 1024)?;
-            let capability_ok = gpu
-                .compute_capability
-                .split_once('.')
-                .is_some_and(|(major, minor)| {
-                    major.parse::<u8>().is_ok() && minor.parse::<u8>().is_ok()
-                });
+            let capability_ok =
+                gpu.compute_capability
+                    .split_once('.')
+                    .is_some_and(|(major, minor)| {
+                        major.parse::<u8>().is_ok() && minor.parse::<u8>().is_ok()
+                    });
             if !capability_ok {
                 return Err(FieldError::new(
                     field("compute_capability"),
@@ -66,7 +66,9 @@ pub enum ExecutorEvent {
         at: DateTime<Utc>,
     },
     /// First heartbeat of a session: the executor takes work from now on.
-    ExecutorActivated { at: DateTime<Utc> },
+    ExecutorActivated {
+        at: DateTime<Utc>,
+    },
     ExecutorHeartbeat {
         lease_expires_at: DateTime<Utc>,
         at: DateTime<Utc>,
@@ -76,7 +78,10 @@ pub enum ExecutorEvent {
         reason: String,
         at: DateTime<Utc>,
     },
-    ExecutorDeregistered { reason: String, at: DateTime<Utc> },
+    ExecutorDeregistered {
+        reason: String,
+        at: DateTime<Utc>,
+    },
     ExecutorLost {
         last_heartbeat_at: Option<DateTime<Utc>>,
         lease_expired_at: DateTime<Utc>,

@@ -53,7 +53,12 @@ fn replay(events: &[ExecutorEvent]) -> Executor {
 // Commands
 // ---------------------------------------------------------------------------------------------
 
-fn register_with(executor_id: &str, gpus: Vec<GpuInfo>, lease_s: u32, at: DateTime<Utc>) -> ExecutorCommand {
+fn register_with(
+    executor_id: &str,
+    gpus: Vec<GpuInfo>,
+    lease_s: u32,
+    at: DateTime<Utc>,
+) -> ExecutorCommand {
     ExecutorCommand::RegisterExecutor {
         executor_id: executor_id.to_string(),
         hostname: HOSTNAME.to_string(),
@@ -197,7 +202,13 @@ fn register_starts_the_first_session() {
 
 #[test]
 fn register_again_after_a_restart_starts_a_new_session() {
-    for given in [just_registered(), active(), active_draining(), marked_lost(), gone()] {
+    for given in [
+        just_registered(),
+        active(),
+        active_draining(),
+        marked_lost(),
+        gone(),
+    ] {
         executor(given)
             .when(register(t(100)))
             .then_expect_events(vec![registered(2, t(100))]);
@@ -220,7 +231,12 @@ fn register_a_duplicate_gpu_uuid_is_invalid() {
     let mut second = gpu(1);
     second.uuid = gpu(0).uuid;
     executor(vec![])
-        .when(register_with(EXECUTOR_ID, vec![gpu(0), second], LEASE_S, t(0)))
+        .when(register_with(
+            EXECUTOR_ID,
+            vec![gpu(0), second],
+            LEASE_S,
+            t(0),
+        ))
         .then_expect_error(invalid("gpus[1].uuid", "duplicate GPU uuid"));
 }
 
@@ -229,7 +245,12 @@ fn register_a_duplicate_gpu_index_is_invalid() {
     let mut second = gpu(1);
     second.index = 0;
     executor(vec![])
-        .when(register_with(EXECUTOR_ID, vec![gpu(0), second], LEASE_S, t(0)))
+        .when(register_with(
+            EXECUTOR_ID,
+            vec![gpu(0), second],
+            LEASE_S,
+            t(0),
+        ))
         .then_expect_error(invalid("gpus[1].index", "duplicate GPU index"));
 }
 
@@ -409,7 +430,12 @@ fn drain_needs_someone_to_ask_for_it() {
 
 #[test]
 fn deregister_from_any_live_state() {
-    for given in [just_registered(), active(), active_draining(), marked_lost()] {
+    for given in [
+        just_registered(),
+        active(),
+        active_draining(),
+        marked_lost(),
+    ] {
         executor(given)
             .when(deregister("shutdown", t(60)))
             .then_expect_events(vec![deregistered(t(60))]);

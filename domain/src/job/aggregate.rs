@@ -60,6 +60,9 @@ pub struct RetryPolicy {
     pub max_backoff_s: u64,
 }
 
+/// Upper bound of any backoff, whatever the policy says (a year).
+const MAX_BACKOFF_S: i64 = 365 * 24 * 3600;
+
 impl Default for RetryPolicy {
     fn default() -> Self {
         Self {
@@ -163,14 +166,23 @@ impl Job {
             return Some(JobEvent::RetryScheduled {
                 next_attempt: run.attempt + 1,
                 after_run: Some(run.run_id),
-                eligible_at: at + chrono::Duration::seconds(backoff_s as i64),
+                eligible_at: at
+                    + chrono::Duration::seconds(
+                        i64::try_from(backoff_s)
+                            .unwrap_or(i64::MAX)
+                            .min(MAX_BACKOFF_S),
+                    ),
                 backoff_s,
                 trigger: RetryTrigger::Automatic,
                 at,
             });
         }
         let reason = if retryable {
-            format!("retries exhausted after {} attempts: {reason}", run.attempt)
+            let plural = if run.attempt == 1 { "" } else { "s" };
+            format!(
+                "retries exhausted after {} attempt{plural}: {reason}",
+                run.attempt
+            )
         } else {
             reason.to_string()
         };
@@ -265,7 +277,7 @@ impl Aggregate for Job {
                 ..
             } => {
                 if matches!(trigger, RetryTrigger::Manual { .. }) {
-                    self.attempts_allowed = self.attempts() + 1;
+                    self.attempts_allowed = self.attempts_allowed.max(self.attempts()) + 1;
                 }
                 self.eligible_at = Some(eligible_at);
                 self.state = Some(JobState::Queued);
@@ -451,8 +463,8 @@ impl Job {
                 retryable,
                 at,
             } => {
-                check_text("reason", &reason)?;
                 let run = self.reported_run(run_id, &executor_id)?;
+                check_text("reason", &reason)?;
                 match run.state {
                     RunState::Failed => return Ok(vec![]),
                     RunState::Assigned | RunState::Running => {}
@@ -555,14 +567,20 @@ impl Job {
         if gpu_uuids.len() != wanted {
             return Err(invalid(
                 "gpu_uuids",
-                &format!("the job needs exactly {wanted} GPUs, got {}", gpu_uuids.len()),
+                &format!(
+                    "the job needs exactly {wanted} GPUs, got {}",
+                    gpu_uuids.len()
+                ),
             ));
         }
         let mut distinct = gpu_uuids.clone();
         distinct.sort();
         distinct.dedup();
         if distinct.len() != gpu_uuids.len() || gpu_uuids.iter().any(String::is_empty) {
-            return Err(invalid("gpu_uuids", "GPU uuids must be non-empty and distinct"));
+            return Err(invalid(
+                "gpu_uuids",
+                "GPU uuids must be non-empty and distinct",
+            ));
         }
         Ok(vec![JobEvent::RunAssigned {
             run_id,

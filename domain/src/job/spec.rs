@@ -103,7 +103,10 @@ impl JobSpec {
 
     fn validate_env(&self) -> Result<(), FieldError> {
         if self.env.len() > MAX_ENV {
-            return Err(FieldError::new("env", format!("at most {MAX_ENV} variables")));
+            return Err(FieldError::new(
+                "env",
+                format!("at most {MAX_ENV} variables"),
+            ));
         }
         for (key, value) in &self.env {
             let field = format!("env.{key}");
@@ -214,13 +217,22 @@ pub(crate) mod tests {
     fn every_field_is_checked_and_named() {
         assert_eq!(rejected_field(|s| s.name = " ".into()), "name");
         assert_eq!(rejected_field(|s| s.account = "geo team".into()), "account");
-        assert_eq!(rejected_field(|s| s.submitted_by = "a\nb".into()), "submitted_by");
+        assert_eq!(
+            rejected_field(|s| s.submitted_by = "a\nb".into()),
+            "submitted_by"
+        );
         assert_eq!(rejected_field(|s| s.priority = 101), "priority");
         assert_eq!(rejected_field(|s| s.gpus = 0), "gpus");
         assert_eq!(rejected_field(|s| s.gpus = 9), "gpus");
-        assert_eq!(rejected_field(|s| s.gpu_memory_mb = u64::MAX), "gpu_memory_mb");
+        assert_eq!(
+            rejected_field(|s| s.gpu_memory_mb = u64::MAX),
+            "gpu_memory_mb"
+        );
         assert_eq!(rejected_field(|s| s.command.clear()), "command");
-        assert_eq!(rejected_field(|s| s.command.push("a\0".into())), "command[2]");
+        assert_eq!(
+            rejected_field(|s| s.command.push("a\0".into())),
+            "command[2]"
+        );
         assert_eq!(
             rejected_field(|s| {
                 s.env.insert("1BAD".into(), "x".into());
@@ -233,7 +245,10 @@ pub(crate) mod tests {
             }),
             "env.CUDA_VISIBLE_DEVICES"
         );
-        assert_eq!(rejected_field(|s| s.params = serde_json::json!([1])), "params");
+        assert_eq!(
+            rejected_field(|s| s.params = serde_json::json!([1])),
+            "params"
+        );
         assert_eq!(
             rejected_field(|s| s.params = serde_json::json!({"blob": "x".repeat(MAX_PARAMS_BYTES)})),
             "params"

@@ -336,7 +336,12 @@ fn run_timed_out(
     }
 }
 
-fn retry_scheduled(next_attempt: u32, after_run: Uuid, backoff_s: u64, at: DateTime<Utc>) -> JobEvent {
+fn retry_scheduled(
+    next_attempt: u32,
+    after_run: Uuid,
+    backoff_s: u64,
+    at: DateTime<Utc>,
+) -> JobEvent {
     JobEvent::RetryScheduled {
         next_attempt,
         after_run: Some(after_run),
@@ -410,7 +415,13 @@ fn in_backoff(attempt: u32) -> Vec<JobEvent> {
     concat(&[
         running(attempt),
         vec![
-            run_failed(run, attempt, Some(started_at(attempt)), true, ended_at(attempt)),
+            run_failed(
+                run,
+                attempt,
+                Some(started_at(attempt)),
+                true,
+                ended_at(attempt),
+            ),
             retry_scheduled(attempt + 1, run, backoff_s, ended_at(attempt)),
         ],
     ])
@@ -509,10 +520,12 @@ fn submit_job_with_an_invalid_spec_names_the_field() {
     overrides_devices
         .env
         .insert("CUDA_VISIBLE_DEVICES".to_string(), "0".to_string());
-    job(vec![]).when(submit(overrides_devices)).then_expect_error(invalid(
-        "env.CUDA_VISIBLE_DEVICES",
-        "is set by the executor to the assigned GPUs and cannot be overridden",
-    ));
+    job(vec![])
+        .when(submit(overrides_devices))
+        .then_expect_error(invalid(
+            "env.CUDA_VISIBLE_DEVICES",
+            "is set by the executor to the assigned GPUs and cannot be overridden",
+        ));
 }
 
 #[test]
@@ -721,11 +734,13 @@ fn assign_a_job_that_is_not_queued_is_refused() {
 #[test]
 fn assign_the_wrong_number_of_gpus_is_invalid() {
     job(queued())
-        .when(assign_on(RUN_1, EXECUTOR, vec!["GPU-0a1b".to_string()], t(1000)))
-        .then_expect_error(invalid(
-            "gpu_uuids",
-            "the job needs exactly 2 GPUs, got 1",
-        ));
+        .when(assign_on(
+            RUN_1,
+            EXECUTOR,
+            vec!["GPU-0a1b".to_string()],
+            t(1000),
+        ))
+        .then_expect_error(invalid("gpu_uuids", "the job needs exactly 2 GPUs, got 1"));
     let three = vec![
         "GPU-0a1b".to_string(),
         "GPU-2c3d".to_string(),
@@ -733,10 +748,7 @@ fn assign_the_wrong_number_of_gpus_is_invalid() {
     ];
     job(queued())
         .when(assign_on(RUN_1, EXECUTOR, three, t(1000)))
-        .then_expect_error(invalid(
-            "gpu_uuids",
-            "the job needs exactly 2 GPUs, got 3",
-        ));
+        .then_expect_error(invalid("gpu_uuids", "the job needs exactly 2 GPUs, got 3"));
 }
 
 #[test]
@@ -851,7 +863,13 @@ fn report_run_progress() {
 fn report_run_progress_with_metrics_only_or_a_later_seq() {
     job(running(1))
         .when(progress(RUN_1, 0, None, &[("loss", 0.9)], t(1020)))
-        .then_expect_events(vec![run_progressed(RUN_1, 0, None, &[("loss", 0.9)], t(1020))]);
+        .then_expect_events(vec![run_progressed(
+            RUN_1,
+            0,
+            None,
+            &[("loss", 0.9)],
+            t(1020),
+        )]);
     let reported = concat(&[
         running(1),
         vec![run_progressed(RUN_1, 3, Some(0.25), &[], t(1030))],
@@ -1086,7 +1104,7 @@ fn report_run_failed_without_retries_fails_the_job_at_once() {
         .then_expect_events(vec![
             run_failed(RUN_1, 1, Some(t(1010)), true, t(1100)),
             job_failed(
-                "retries exhausted after 1 attempts: exit status 1",
+                "retries exhausted after 1 attempt: exit status 1",
                 1,
                 RUN_1,
                 t(1100),
@@ -1327,11 +1345,9 @@ fn retry_needs_someone_to_ask_for_it() {
 }
 
 /// `Job::attempts_allowed` is documented as "`1 + max_retries`, plus one per manual retry",
-/// but `apply(RetryScheduled { trigger: Manual, .. })` sets it to `attempts + 1`, which throws
-/// away the automatic retries a job had left when it failed for a non-retryable reason.
+/// so a manual retry keeps the automatic retries a job had left when it failed for a
+/// non-retryable reason.
 #[test]
-#[ignore = "bug: a manual retry resets attempts_allowed to attempts + 1 instead of adding one \
-            (aggregate.rs apply RetryScheduled), contradicting the field's doc"]
 fn retry_after_a_non_retryable_failure_keeps_the_automatic_retries_left() {
     // max_retries = 2; attempt 1 failed non-retryably, so both retries are unused.
     let retried = concat(&[failed(), vec![manual_retry_scheduled(2, RUN_1, t(5000))]]);
@@ -1373,7 +1389,10 @@ fn a_job_that_fails_once_and_then_succeeds() {
     step(&mut history, submit(spec()));
     step(&mut history, assign(RUN_1, t(1000)));
     step(&mut history, start(RUN_1, t(1010)));
-    step(&mut history, progress(RUN_1, 1, Some(0.4), &[("loss", 0.7)], t(1050)));
+    step(
+        &mut history,
+        progress(RUN_1, 1, Some(0.4), &[("loss", 0.7)], t(1050)),
+    );
     let failure = step(&mut history, fail(RUN_1, true, t(1100)));
     assert_eq!(failure[1], retry_scheduled(2, RUN_1, 10, t(1100)));
     assert_eq!(
