@@ -1,0 +1,108 @@
+//! Wiring: builds the HTTP application and the relay from a `Config`, binds the listener
+//! (port 0 picks a free port; `local_addr` tells which), and runs until shut down.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use overfly_domain::job::JobServices;
+use poem::listener::{Acceptor, Listener, TcpAcceptor, TcpListener};
+use poem::{EndpointExt, Route, Server};
+use poem_openapi::OpenApiService;
+use sqlx::PgPool;
+use tokio::sync::Notify;
+
+use crate::api::CommandApi;
+use crate::bus::CommandBus;
+use crate::config::Config;
+use crate::problem;
+use crate::relay::Relay;
+use crate::trace::span_per_request;
+
+pub struct Application {
+    acceptor: TcpAcceptor,
+    bus: Arc<CommandBus>,
+    nats: async_nats::Client,
+    relay: Option<Relay>,
+    local_addr: SocketAddr,
+}
+
+pub fn openapi(api: CommandApi) -> OpenApiService<CommandApi, ()> {
+    OpenApiService::new(api, "Overfly command API", env!("CARGO_PKG_VERSION"))
+        .description(
+            "Write side of Overfly: submit and steer jobs, executor registration and run \
+             reports. Every command answers with the aggregate's new version and the global \
+             position of its last event.",
+        )
+}
+
+/// The OpenAPI document, rendered without any connection (for `openapi` and the drift test).
+pub fn openapi_json() -> String {
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .connect_lazy("postgres://localhost/unused")
+        .expect("a static URL parses");
+    let bus = Arc::new(CommandBus::new(pool, JobServices::default(), Arc::default()));
+    openapi(CommandApi { bus, nats: None }).spec()
+}
+
+impl Application {
+    pub async fn build(config: &Config) -> anyhow::Result<Self> {
+        let pool =
+            overfly_infra::db::connect(&config.database_url, config.db_pool_size, Duration::from_secs(30))
+                .await?;
+        overfly_infra::db::migrate(&pool).await?;
+        let nats = overfly_infra::nats::connect(&config.nats_url, "overfly-command").await?;
+        Self::build_with(config, pool, nats).await
+    }
+
+    pub async fn build_with(
+        config: &Config,
+        pool: PgPool,
+        nats: async_nats::Client,
+    ) -> anyhow::Result<Self> {
+        let committed = Arc::new(Notify::new());
+        let bus = Arc::new(CommandBus::new(pool.clone(), JobServices::default(), committed.clone()));
+        let relay = config
+            .relay_enabled
+            .then(|| Relay::new(pool, nats.clone(), config.relay.clone(), committed));
+        let acceptor = TcpListener::bind(config.addr.to_string())
+            .into_acceptor()
+            .await
+            .with_context(|| format!("binding {}", config.addr))?;
+        let local_addr = acceptor
+            .local_addr()
+            .first()
+            .and_then(|addr| addr.as_socket_addr().copied())
+            .context("listener has no socket address")?;
+        Ok(Self { acceptor, bus, nats, relay, local_addr })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Serves until `shutdown` completes, then drains requests for up to 10 s.
+    pub async fn run_until(self, shutdown: impl Future<Output = ()> + Send) -> anyhow::Result<()> {
+        let relay = self.relay.map(|relay| tokio::spawn(relay.run()));
+        let service = openapi(CommandApi { bus: self.bus, nats: Some(self.nats) })
+            .server(format!("http://{}", self.local_addr));
+        let spec = service.spec_endpoint();
+        let docs = service.swagger_ui();
+        let route = Route::new()
+            .at("/openapi.json", spec)
+            .nest("/docs", docs)
+            .nest("/", service)
+            .around(span_per_request)
+            .catch_all_error(problem::catch_all);
+        tracing::info!(addr = %self.local_addr, "command API listening");
+        let served = Server::new_with_acceptor(self.acceptor)
+            .run_with_graceful_shutdown(route, shutdown, Some(Duration::from_secs(10)))
+            .await;
+        if let Some(relay) = relay {
+            relay.abort();
+        }
+        served.context("HTTP server")
+    }
+}

@@ -1,0 +1,92 @@
+//! Typed configuration: every setting is a flag and an environment variable (DESIGN.md's
+//! defaults), parsed once at start and printed with secrets redacted.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(name = "overfly-command", version, about = "Overfly command service: write API + relay")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub config: Config,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Apply migrations, then serve the HTTP API and run the relay (the default).
+    Serve,
+    /// Run only the relay (Postgres → JetStream).
+    Relay,
+    /// Apply pending database migrations and exit.
+    Migrate,
+    /// Print the OpenAPI document of the command API.
+    Openapi,
+    /// Print the JetStream event stream's state and the relay's position.
+    StreamInfo,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct Config {
+    /// Postgres connection URL.
+    #[arg(long, env = "DATABASE_URL", default_value = "postgres://postgres@127.0.0.1:5432/overfly", global = true)]
+    pub database_url: String,
+    /// NATS server URL.
+    #[arg(long, env = "NATS_URL", default_value = "nats://127.0.0.1:4222", global = true)]
+    pub nats_url: String,
+    /// Address the HTTP API listens on (port 0 picks a free port).
+    #[arg(long, env = "OVERFLY_COMMAND_ADDR", default_value = "127.0.0.1:8080", global = true)]
+    pub addr: SocketAddr,
+    /// Postgres connections in the pool.
+    #[arg(long, env = "OVERFLY_DB_POOL_SIZE", default_value_t = 16, global = true)]
+    pub db_pool_size: u32,
+    /// Run the relay inside `serve` (only one relay publishes at a time anyway).
+    #[arg(long, env = "OVERFLY_RELAY_ENABLED", default_value_t = true, action = clap::ArgAction::Set, global = true)]
+    pub relay_enabled: bool,
+    #[command(flatten)]
+    pub relay: RelayConfig,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct RelayConfig {
+    /// Events read from Postgres and published (in flight together) per batch.
+    #[arg(long = "relay-batch-size", env = "OVERFLY_RELAY_BATCH_SIZE", default_value_t = 500, global = true)]
+    pub batch_size: i64,
+    /// How often the relay looks for new events when nothing woke it.
+    #[arg(long = "relay-poll-ms", env = "OVERFLY_RELAY_POLL_MS", default_value_t = 10, global = true)]
+    pub poll_ms: u64,
+    /// JetStream stream that receives the events.
+    #[arg(long = "relay-stream", env = "OVERFLY_EVENTS_STREAM", default_value = overfly_schemas::subjects::EVENTS_STREAM, global = true)]
+    pub stream: String,
+    /// Fault injection for tests: abort the process after this many publishes were acked,
+    /// before the position is stored (simulates a crash mid-batch). Never set in production.
+    #[arg(long = "relay-abort-after", env = "OVERFLY_RELAY_ABORT_AFTER", hide = true, global = true)]
+    pub abort_after: Option<u64>,
+}
+
+impl RelayConfig {
+    pub fn poll_interval(&self) -> Duration {
+        Duration::from_millis(self.poll_ms)
+    }
+}
+
+impl Config {
+    /// The effective configuration, secrets redacted, for the start-up log.
+    pub fn describe(&self) -> String {
+        format!(
+            "database_url={} nats_url={} addr={} db_pool_size={} relay_enabled={} relay_batch_size={} relay_poll_ms={} relay_stream={} otlp_endpoint={}",
+            overfly_infra::db::redact_url(&self.database_url),
+            overfly_infra::db::redact_url(&self.nats_url),
+            self.addr,
+            self.db_pool_size,
+            self.relay_enabled,
+            self.relay.batch_size,
+            self.relay.poll_ms,
+            self.relay.stream,
+            std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT").unwrap_or_else(|_| "unset".into()),
+        )
+    }
+}
