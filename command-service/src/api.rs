@@ -283,7 +283,10 @@ fn context(req: &Request, actor: impl Into<String>) -> CommandContext {
 /// the parameter.
 fn uuid_param(name: &str, value: &str) -> Result<Uuid, ApiError> {
     value.parse().map_err(|_| {
-        ApiError::bad_request(format!("{name} must be a UUID, got {value:?}"), Some(name.into()))
+        ApiError::bad_request(
+            format!("{name} must be a UUID, got {value:?}"),
+            Some(name.into()),
+        )
     })
 }
 
@@ -321,21 +324,23 @@ impl CommandApi {
         );
         let spec = body.0.into_spec().map_err(ApiError::invalid)?;
         let ctx = context(req, spec.submitted_by.clone());
+        let idempotency_key_given = idempotency_key.0.is_some();
         let claim = match idempotency_key.0 {
             None => Claim::New(Uuid::new_v4()),
             Some(key) => idempotency::claim(self.bus.pool(), &key, &hash, Uuid::new_v4())
                 .await
                 .map_err(|e| match e {
                     ClaimError::Invalid(field) => ApiError::invalid(field),
-                    ClaimError::Mismatch => ApiError::invalid(FieldError::new(
-                        idempotency::HEADER,
-                        e.to_string(),
-                    )),
+                    ClaimError::Mismatch => {
+                        ApiError::invalid(FieldError::new(idempotency::HEADER, e.to_string()))
+                    }
                     ClaimError::Store(e) => ApiError::internal(&e),
                 })?,
         };
-        let (job_id, replay) = match claim {
-            Claim::New(id) => (id, false),
+        // A keyed job id is known only to requests carrying that key: if the job exists,
+        // another request with the same key created it, so answer as it was answered.
+        let (job_id, keyed) = match claim {
+            Claim::New(id) => (id, idempotency_key_given),
             Claim::Replay(id) => (id, true),
         };
         let command = JobCommand::SubmitJob {
@@ -343,10 +348,10 @@ impl CommandApi {
             spec,
             at: Utc::now(),
         };
-        let accepted = match self.bus.job(job_id, command, &ctx).await {
-            Ok(recorded) => Accepted::from(recorded),
-            Err(CommandError::Domain(JobError::AlreadySubmitted)) if replay => {
-                self.first_response(job_id).await?
+        let (accepted, replayed) = match self.bus.job(job_id, command, &ctx).await {
+            Ok(recorded) => (Accepted::from(recorded), false),
+            Err(CommandError::Domain(JobError::AlreadySubmitted)) if keyed => {
+                (self.first_response(job_id).await?, true)
             }
             Err(error) => return Err(error.into()),
         };
@@ -354,17 +359,27 @@ impl CommandApi {
         Ok(SubmitResponse::Created(
             Json(accepted),
             location,
-            replay.then_some(true),
+            replayed.then_some(true),
         ))
     }
 
     /// Cancel a job that has not finished; a running process is stopped by its executor.
     #[oai(path = "/jobs/:job_id/cancel", method = "post", tag = "Tag::Jobs")]
-    async fn cancel_job(&self, req: &Request, job_id: Path<String>, body: Body<Reasoned>) -> Answer {
+    async fn cancel_job(
+        &self,
+        req: &Request,
+        job_id: Path<String>,
+        body: Body<Reasoned>,
+    ) -> Answer {
         let Reasoned { by, reason } = body.0;
         let ctx = context(req, by.clone());
-        let command = JobCommand::CancelJob { by, reason, at: Utc::now() };
-        self.job(uuid_param("job_id", &job_id)?, command, &ctx).await
+        let command = JobCommand::CancelJob {
+            by,
+            reason,
+            at: Utc::now(),
+        };
+        self.job(uuid_param("job_id", &job_id)?, command, &ctx)
+            .await
     }
 
     /// Change the priority of a job that has not finished.
@@ -375,12 +390,22 @@ impl CommandApi {
         job_id: Path<String>,
         body: Body<ChangePriority>,
     ) -> Answer {
-        let ChangePriority { priority, by, reason } = body.0;
+        let ChangePriority {
+            priority,
+            by,
+            reason,
+        } = body.0;
         let priority = bounded("priority", priority, 0, job::MAX_PRIORITY.into())
             .map_err(ApiError::invalid)?;
         let ctx = context(req, by.clone());
-        let command = JobCommand::ChangePriority { priority, by, reason, at: Utc::now() };
-        self.job(uuid_param("job_id", &job_id)?, command, &ctx).await
+        let command = JobCommand::ChangePriority {
+            priority,
+            by,
+            reason,
+            at: Utc::now(),
+        };
+        self.job(uuid_param("job_id", &job_id)?, command, &ctx)
+            .await
     }
 
     /// Retry a failed job once more.
@@ -388,19 +413,33 @@ impl CommandApi {
     async fn retry_job(&self, req: &Request, job_id: Path<String>, body: Body<Reasoned>) -> Answer {
         let Reasoned { by, reason } = body.0;
         let ctx = context(req, by.clone());
-        let command = JobCommand::RetryJob { by, reason, at: Utc::now() };
-        self.job(uuid_param("job_id", &job_id)?, command, &ctx).await
+        let command = JobCommand::RetryJob {
+            by,
+            reason,
+            at: Utc::now(),
+        };
+        self.job(uuid_param("job_id", &job_id)?, command, &ctx)
+            .await
     }
 
     /// Assign the job's next attempt to GPUs of one executor (the scheduler's command).
     #[oai(path = "/jobs/:job_id/runs", method = "post", tag = "Tag::Runs")]
-    async fn assign_run(&self, req: &Request, job_id: Path<String>, body: Body<AssignRun>) -> Answer {
-        let AssignRun { run_id, executor_id, gpu_uuids, decision } = body.0;
+    async fn assign_run(
+        &self,
+        req: &Request,
+        job_id: Path<String>,
+        body: Body<AssignRun>,
+    ) -> Answer {
+        let AssignRun {
+            run_id,
+            executor_id,
+            gpu_uuids,
+            decision,
+        } = body.0;
         let decision: SchedulingDecision = match decision {
             None => SchedulingDecision::default(),
-            Some(value) => serde_json::from_value(value).map_err(|e| {
-                ApiError::invalid(FieldError::new("decision", e.to_string()))
-            })?,
+            Some(value) => serde_json::from_value(value)
+                .map_err(|e| ApiError::invalid(FieldError::new("decision", e.to_string())))?,
         };
         let ctx = context(req, "scheduler");
         let command = JobCommand::AssignRun {
@@ -410,11 +449,16 @@ impl CommandApi {
             decision,
             at: Utc::now(),
         };
-        self.job(uuid_param("job_id", &job_id)?, command, &ctx).await
+        self.job(uuid_param("job_id", &job_id)?, command, &ctx)
+            .await
     }
 
     /// The executor started the run's process.
-    #[oai(path = "/jobs/:job_id/runs/:run_id/started", method = "post", tag = "Tag::Runs")]
+    #[oai(
+        path = "/jobs/:job_id/runs/:run_id/started",
+        method = "post",
+        tag = "Tag::Runs"
+    )]
     async fn run_started(
         &self,
         req: &Request,
@@ -424,12 +468,21 @@ impl CommandApi {
     ) -> Answer {
         let executor_id = body.0.executor_id;
         let ctx = context(req, executor_actor(&executor_id));
-        let command = JobCommand::ReportRunStarted { run_id: uuid_param("run_id", &run_id)?, executor_id, at: Utc::now() };
-        self.job(uuid_param("job_id", &job_id)?, command, &ctx).await
+        let command = JobCommand::ReportRunStarted {
+            run_id: uuid_param("run_id", &run_id)?,
+            executor_id,
+            at: Utc::now(),
+        };
+        self.job(uuid_param("job_id", &job_id)?, command, &ctx)
+            .await
     }
 
     /// Progress and metrics of a running run.
-    #[oai(path = "/jobs/:job_id/runs/:run_id/progress", method = "post", tag = "Tag::Runs")]
+    #[oai(
+        path = "/jobs/:job_id/runs/:run_id/progress",
+        method = "post",
+        tag = "Tag::Runs"
+    )]
     async fn run_progress(
         &self,
         req: &Request,
@@ -437,8 +490,14 @@ impl CommandApi {
         run_id: Path<String>,
         body: Body<RunProgress>,
     ) -> Answer {
-        let RunProgress { executor_id, report_seq, progress, metrics } = body.0;
-        let report_seq = bounded("report_seq", report_seq, 0, i64::MAX).map_err(ApiError::invalid)?;
+        let RunProgress {
+            executor_id,
+            report_seq,
+            progress,
+            metrics,
+        } = body.0;
+        let report_seq =
+            bounded("report_seq", report_seq, 0, i64::MAX).map_err(ApiError::invalid)?;
         let ctx = context(req, executor_actor(&executor_id));
         let command = JobCommand::ReportRunProgress {
             run_id: uuid_param("run_id", &run_id)?,
@@ -448,11 +507,16 @@ impl CommandApi {
             metrics,
             at: Utc::now(),
         };
-        self.job(uuid_param("job_id", &job_id)?, command, &ctx).await
+        self.job(uuid_param("job_id", &job_id)?, command, &ctx)
+            .await
     }
 
     /// The run's process exited successfully.
-    #[oai(path = "/jobs/:job_id/runs/:run_id/succeeded", method = "post", tag = "Tag::Runs")]
+    #[oai(
+        path = "/jobs/:job_id/runs/:run_id/succeeded",
+        method = "post",
+        tag = "Tag::Runs"
+    )]
     async fn run_succeeded(
         &self,
         req: &Request,
@@ -462,12 +526,21 @@ impl CommandApi {
     ) -> Answer {
         let executor_id = body.0.executor_id;
         let ctx = context(req, executor_actor(&executor_id));
-        let command = JobCommand::ReportRunSucceeded { run_id: uuid_param("run_id", &run_id)?, executor_id, at: Utc::now() };
-        self.job(uuid_param("job_id", &job_id)?, command, &ctx).await
+        let command = JobCommand::ReportRunSucceeded {
+            run_id: uuid_param("run_id", &run_id)?,
+            executor_id,
+            at: Utc::now(),
+        };
+        self.job(uuid_param("job_id", &job_id)?, command, &ctx)
+            .await
     }
 
     /// The run failed; a retryable failure is retried with backoff while retries are left.
-    #[oai(path = "/jobs/:job_id/runs/:run_id/failed", method = "post", tag = "Tag::Runs")]
+    #[oai(
+        path = "/jobs/:job_id/runs/:run_id/failed",
+        method = "post",
+        tag = "Tag::Runs"
+    )]
     async fn run_failed(
         &self,
         req: &Request,
@@ -475,7 +548,13 @@ impl CommandApi {
         run_id: Path<String>,
         body: Body<RunFailure>,
     ) -> Answer {
-        let RunFailure { executor_id, exit_code, signal, reason, retryable } = body.0;
+        let RunFailure {
+            executor_id,
+            exit_code,
+            signal,
+            reason,
+            retryable,
+        } = body.0;
         let ctx = context(req, executor_actor(&executor_id));
         let command = JobCommand::ReportRunFailed {
             run_id: uuid_param("run_id", &run_id)?,
@@ -486,11 +565,16 @@ impl CommandApi {
             retryable,
             at: Utc::now(),
         };
-        self.job(uuid_param("job_id", &job_id)?, command, &ctx).await
+        self.job(uuid_param("job_id", &job_id)?, command, &ctx)
+            .await
     }
 
     /// The run exceeded its timeout and was killed.
-    #[oai(path = "/jobs/:job_id/runs/:run_id/timed-out", method = "post", tag = "Tag::Runs")]
+    #[oai(
+        path = "/jobs/:job_id/runs/:run_id/timed-out",
+        method = "post",
+        tag = "Tag::Runs"
+    )]
     async fn run_timed_out(
         &self,
         req: &Request,
@@ -500,14 +584,24 @@ impl CommandApi {
     ) -> Answer {
         let executor_id = body.0.executor_id;
         let ctx = context(req, executor_actor(&executor_id));
-        let command = JobCommand::ReportRunTimedOut { run_id: uuid_param("run_id", &run_id)?, executor_id, at: Utc::now() };
-        self.job(uuid_param("job_id", &job_id)?, command, &ctx).await
+        let command = JobCommand::ReportRunTimedOut {
+            run_id: uuid_param("run_id", &run_id)?,
+            executor_id,
+            at: Utc::now(),
+        };
+        self.job(uuid_param("job_id", &job_id)?, command, &ctx)
+            .await
     }
 
     /// Register (or re-register after a restart) an executor and its GPUs.
     #[oai(path = "/executors", method = "post", tag = "Tag::Executors")]
     async fn register_executor(&self, req: &Request, body: Body<RegisterExecutor>) -> Answer {
-        let RegisterExecutor { executor_id, hostname, gpus, lease_s } = body.0;
+        let RegisterExecutor {
+            executor_id,
+            hostname,
+            gpus,
+            lease_s,
+        } = body.0;
         let gpus = gpus
             .into_iter()
             .enumerate()
@@ -535,7 +629,11 @@ impl CommandApi {
     }
 
     /// The executor is alive: extends its lease.
-    #[oai(path = "/executors/:executor_id/heartbeat", method = "post", tag = "Tag::Executors")]
+    #[oai(
+        path = "/executors/:executor_id/heartbeat",
+        method = "post",
+        tag = "Tag::Executors"
+    )]
     async fn heartbeat(&self, req: &Request, executor_id: Path<String>) -> Answer {
         let ctx = context(req, executor_actor(&executor_id.0));
         let command = ExecutorCommand::Heartbeat { at: Utc::now() };
@@ -543,16 +641,33 @@ impl CommandApi {
     }
 
     /// Stop giving the executor new work; running work may finish.
-    #[oai(path = "/executors/:executor_id/drain", method = "post", tag = "Tag::Executors")]
-    async fn drain(&self, req: &Request, executor_id: Path<String>, body: Body<Reasoned>) -> Answer {
+    #[oai(
+        path = "/executors/:executor_id/drain",
+        method = "post",
+        tag = "Tag::Executors"
+    )]
+    async fn drain(
+        &self,
+        req: &Request,
+        executor_id: Path<String>,
+        body: Body<Reasoned>,
+    ) -> Answer {
         let Reasoned { by, reason } = body.0;
         let ctx = context(req, by.clone());
-        let command = ExecutorCommand::Drain { by, reason, at: Utc::now() };
+        let command = ExecutorCommand::Drain {
+            by,
+            reason,
+            at: Utc::now(),
+        };
         self.executor(&executor_id.0, command, &ctx).await
     }
 
     /// The executor leaves for good.
-    #[oai(path = "/executors/:executor_id/deregister", method = "post", tag = "Tag::Executors")]
+    #[oai(
+        path = "/executors/:executor_id/deregister",
+        method = "post",
+        tag = "Tag::Executors"
+    )]
     async fn deregister(
         &self,
         req: &Request,
@@ -560,12 +675,19 @@ impl CommandApi {
         body: Body<Deregister>,
     ) -> Answer {
         let ctx = context(req, executor_actor(&executor_id.0));
-        let command = ExecutorCommand::Deregister { reason: body.0.reason, at: Utc::now() };
+        let command = ExecutorCommand::Deregister {
+            reason: body.0.reason,
+            at: Utc::now(),
+        };
         self.executor(&executor_id.0, command, &ctx).await
     }
 
     /// Mark an executor lost because its lease expired (the scheduler's lease watch).
-    #[oai(path = "/executors/:executor_id/lost", method = "post", tag = "Tag::Executors")]
+    #[oai(
+        path = "/executors/:executor_id/lost",
+        method = "post",
+        tag = "Tag::Executors"
+    )]
     async fn lost(&self, req: &Request, executor_id: Path<String>) -> Answer {
         let ctx = context(req, "scheduler");
         let command = ExecutorCommand::MarkLost { at: Utc::now() };
@@ -575,7 +697,9 @@ impl CommandApi {
     /// Liveness: the process answers.
     #[oai(path = "/healthz", method = "get", tag = "Tag::Health")]
     async fn healthz(&self) -> Json<Health> {
-        Json(Health { status: "ok".into() })
+        Json(Health {
+            status: "ok".into(),
+        })
     }
 
     /// Readiness: Postgres and NATS are reachable.
@@ -595,7 +719,9 @@ impl CommandApi {
         if !connected {
             return Err(ApiError::unavailable("NATS is not connected"));
         }
-        Ok(Json(Health { status: "ready".into() }))
+        Ok(Json(Health {
+            status: "ready".into(),
+        }))
     }
 }
 
@@ -604,8 +730,15 @@ impl CommandApi {
         Ok(Json(self.bus.job(job_id, command, ctx).await?.into()))
     }
 
-    async fn executor(&self, executor_id: &str, command: ExecutorCommand, ctx: &CommandContext) -> Answer {
-        Ok(Json(self.bus.executor(executor_id, command, ctx).await?.into()))
+    async fn executor(
+        &self,
+        executor_id: &str,
+        command: ExecutorCommand,
+        ctx: &CommandContext,
+    ) -> Answer {
+        Ok(Json(
+            self.bus.executor(executor_id, command, ctx).await?.into(),
+        ))
     }
 
     /// The response the first `POST /jobs` of an idempotency key got: the job's first event.
@@ -618,6 +751,10 @@ impl CommandApi {
         .fetch_one(self.bus.pool())
         .await
         .map_err(|e| ApiError::internal(&e))?;
-        Ok(Accepted { id: job_id.to_string(), version: 1, position })
+        Ok(Accepted {
+            id: job_id.to_string(),
+            version: 1,
+            position,
+        })
     }
 }

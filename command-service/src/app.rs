@@ -30,28 +30,35 @@ pub struct Application {
 }
 
 pub fn openapi(api: CommandApi) -> OpenApiService<CommandApi, ()> {
-    OpenApiService::new(api, "Overfly command API", env!("CARGO_PKG_VERSION"))
-        .description(
-            "Write side of Overfly: submit and steer jobs, executor registration and run \
+    OpenApiService::new(api, "Overfly command API", env!("CARGO_PKG_VERSION")).description(
+        "Write side of Overfly: submit and steer jobs, executor registration and run \
              reports. Every command answers with the aggregate's new version and the global \
              position of its last event.",
-        )
+    )
 }
 
 /// The OpenAPI document, rendered without any connection (for `openapi` and the drift test).
+/// Call it inside a Tokio runtime (the lazy pool needs one, though it never connects).
 pub fn openapi_json() -> String {
     let pool = sqlx::postgres::PgPoolOptions::new()
         .connect_lazy("postgres://localhost/unused")
         .expect("a static URL parses");
-    let bus = Arc::new(CommandBus::new(pool, JobServices::default(), Arc::default()));
+    let bus = Arc::new(CommandBus::new(
+        pool,
+        JobServices::default(),
+        Arc::default(),
+    ));
     openapi(CommandApi { bus, nats: None }).spec()
 }
 
 impl Application {
     pub async fn build(config: &Config) -> anyhow::Result<Self> {
-        let pool =
-            overfly_infra::db::connect(&config.database_url, config.db_pool_size, Duration::from_secs(30))
-                .await?;
+        let pool = overfly_infra::db::connect(
+            &config.database_url,
+            config.db_pool_size,
+            Duration::from_secs(30),
+        )
+        .await?;
         overfly_infra::db::migrate(&pool).await?;
         let nats = overfly_infra::nats::connect(&config.nats_url, "overfly-command").await?;
         Self::build_with(config, pool, nats).await
@@ -63,7 +70,11 @@ impl Application {
         nats: async_nats::Client,
     ) -> anyhow::Result<Self> {
         let committed = Arc::new(Notify::new());
-        let bus = Arc::new(CommandBus::new(pool.clone(), JobServices::default(), committed.clone()));
+        let bus = Arc::new(CommandBus::new(
+            pool.clone(),
+            JobServices::default(),
+            committed.clone(),
+        ));
         let relay = config
             .relay_enabled
             .then(|| Relay::new(pool, nats.clone(), config.relay.clone(), committed));
@@ -76,7 +87,13 @@ impl Application {
             .first()
             .and_then(|addr| addr.as_socket_addr().copied())
             .context("listener has no socket address")?;
-        Ok(Self { acceptor, bus, nats, relay, local_addr })
+        Ok(Self {
+            acceptor,
+            bus,
+            nats,
+            relay,
+            local_addr,
+        })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -85,9 +102,15 @@ impl Application {
 
     /// Serves until `shutdown` completes, then drains requests for up to 10 s.
     pub async fn run_until(self, shutdown: impl Future<Output = ()> + Send) -> anyhow::Result<()> {
-        let relay = self.relay.map(|relay| tokio::spawn(relay.run()));
-        let service = openapi(CommandApi { bus: self.bus, nats: Some(self.nats) })
-            .server(format!("http://{}", self.local_addr));
+        // Aborted when this future ends or is dropped: the relay never outlives its app.
+        let _relay = self
+            .relay
+            .map(|relay| AbortOnDrop(tokio::spawn(relay.run())));
+        let service = openapi(CommandApi {
+            bus: self.bus,
+            nats: Some(self.nats),
+        })
+        .server(format!("http://{}", self.local_addr));
         let spec = service.spec_endpoint();
         let docs = service.swagger_ui();
         let route = Route::new()
@@ -100,9 +123,14 @@ impl Application {
         let served = Server::new_with_acceptor(self.acceptor)
             .run_with_graceful_shutdown(route, shutdown, Some(Duration::from_secs(10)))
             .await;
-        if let Some(relay) = relay {
-            relay.abort();
-        }
         served.context("HTTP server")
+    }
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }

@@ -58,8 +58,15 @@ impl<T: Type + DeserializeOwned> ParsePayload for Body<T> {
                     )
                     .into());
                 }
-                let field = if path == "." { unknown_field(&inner) } else { path };
-                Err(ApiError::invalid(overfly_domain::FieldError::new(field, inner.to_string())).into())
+                let field = if path == "." {
+                    unknown_field(&inner)
+                } else {
+                    path
+                };
+                Err(
+                    ApiError::invalid(overfly_domain::FieldError::new(field, inner.to_string()))
+                        .into(),
+                )
             }
         }
     }

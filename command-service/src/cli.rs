@@ -28,7 +28,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Migrate => {
             connect(&config).await?;
-            println!("migrations applied to {}", overfly_infra::db::redact_url(&config.database_url));
+            println!(
+                "migrations applied to {}",
+                overfly_infra::db::redact_url(&config.database_url)
+            );
             Ok(())
         }
         Command::Openapi => {
@@ -52,18 +55,29 @@ async fn stream_info(config: &Config) -> anyhow::Result<()> {
         .get_stream(&config.relay.stream)
         .await
         .map_err(|e| anyhow!("stream {}: {e}", config.relay.stream))?;
-    let info = stream.info().await.map_err(|e| anyhow!("stream info: {e}"))?;
+    let info = stream
+        .info()
+        .await
+        .map_err(|e| anyhow!("stream info: {e}"))?;
     println!("stream {}", info.config.name);
     println!("  subjects   {:?}", info.config.subjects);
     println!("  storage    {:?}", info.config.storage);
     println!("  messages   {}", info.state.messages);
     println!("  bytes      {}", info.state.bytes);
-    println!("  sequences  {}..={}", info.state.first_sequence, info.state.last_sequence);
+    println!(
+        "  sequences  {}..={}",
+        info.state.first_sequence, info.state.last_sequence
+    );
     let pool = overfly_infra::db::connect(&config.database_url, 1, Duration::from_secs(5)).await?;
     let mut conn = pool.acquire().await?;
     let position = relay::load_position(&mut conn, &config.relay.stream).await?;
-    let events: i64 = sqlx::query_scalar("SELECT count(*) FROM events").fetch_one(&pool).await?;
-    println!("relay position  tx={} global_position={}", position.tx, position.position);
+    let events: i64 = sqlx::query_scalar("SELECT count(*) FROM events")
+        .fetch_one(&pool)
+        .await?;
+    println!(
+        "relay position  tx={} global_position={}",
+        position.tx, position.position
+    );
     println!("events in Postgres  {events}");
     Ok(())
 }

@@ -7,7 +7,11 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 
 #[derive(Debug, Parser)]
-#[command(name = "overfly-command", version, about = "Overfly command service: write API + relay")]
+#[command(
+    name = "overfly-command",
+    version,
+    about = "Overfly command service: write API + relay"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Option<Command>,
@@ -32,16 +36,36 @@ pub enum Command {
 #[derive(Debug, Clone, Args)]
 pub struct Config {
     /// Postgres connection URL.
-    #[arg(long, env = "DATABASE_URL", default_value = "postgres://postgres@127.0.0.1:5432/overfly", global = true)]
+    #[arg(
+        long,
+        env = "DATABASE_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/overfly",
+        global = true
+    )]
     pub database_url: String,
     /// NATS server URL.
-    #[arg(long, env = "NATS_URL", default_value = "nats://127.0.0.1:4222", global = true)]
+    #[arg(
+        long,
+        env = "NATS_URL",
+        default_value = "nats://127.0.0.1:4222",
+        global = true
+    )]
     pub nats_url: String,
     /// Address the HTTP API listens on (port 0 picks a free port).
-    #[arg(long, env = "OVERFLY_COMMAND_ADDR", default_value = "127.0.0.1:8080", global = true)]
+    #[arg(
+        long,
+        env = "OVERFLY_COMMAND_ADDR",
+        default_value = "127.0.0.1:8080",
+        global = true
+    )]
     pub addr: SocketAddr,
     /// Postgres connections in the pool.
-    #[arg(long, env = "OVERFLY_DB_POOL_SIZE", default_value_t = 16, global = true)]
+    #[arg(
+        long,
+        env = "OVERFLY_DB_POOL_SIZE",
+        default_value_t = 16,
+        global = true
+    )]
     pub db_pool_size: u32,
     /// Run the relay inside `serve` (only one relay publishes at a time anyway).
     #[arg(long, env = "OVERFLY_RELAY_ENABLED", default_value_t = true, action = clap::ArgAction::Set, global = true)]
@@ -53,17 +77,32 @@ pub struct Config {
 #[derive(Debug, Clone, Args)]
 pub struct RelayConfig {
     /// Events read from Postgres and published (in flight together) per batch.
-    #[arg(long = "relay-batch-size", env = "OVERFLY_RELAY_BATCH_SIZE", default_value_t = 500, global = true)]
+    #[arg(
+        long = "relay-batch-size",
+        env = "OVERFLY_RELAY_BATCH_SIZE",
+        default_value_t = 500,
+        global = true
+    )]
     pub batch_size: i64,
     /// How often the relay looks for new events when nothing woke it.
-    #[arg(long = "relay-poll-ms", env = "OVERFLY_RELAY_POLL_MS", default_value_t = 10, global = true)]
+    #[arg(
+        long = "relay-poll-ms",
+        env = "OVERFLY_RELAY_POLL_MS",
+        default_value_t = 10,
+        global = true
+    )]
     pub poll_ms: u64,
     /// JetStream stream that receives the events.
     #[arg(long = "relay-stream", env = "OVERFLY_EVENTS_STREAM", default_value = overfly_schemas::subjects::EVENTS_STREAM, global = true)]
     pub stream: String,
     /// Fault injection for tests: abort the process after this many publishes were acked,
     /// before the position is stored (simulates a crash mid-batch). Never set in production.
-    #[arg(long = "relay-abort-after", env = "OVERFLY_RELAY_ABORT_AFTER", hide = true, global = true)]
+    #[arg(
+        long = "relay-abort-after",
+        env = "OVERFLY_RELAY_ABORT_AFTER",
+        hide = true,
+        global = true
+    )]
     pub abort_after: Option<u64>,
 }
 

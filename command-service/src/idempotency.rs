@@ -67,12 +67,11 @@ pub async fn claim(
     if inserted.is_some() {
         return Ok(Claim::New(candidate));
     }
-    let (stored_hash, aggregate_id): (String, String) = sqlx::query_as(
-        "SELECT request_hash, aggregate_id FROM idempotency_keys WHERE key = $1",
-    )
-    .bind(key)
-    .fetch_one(pool)
-    .await?;
+    let (stored_hash, aggregate_id): (String, String) =
+        sqlx::query_as("SELECT request_hash, aggregate_id FROM idempotency_keys WHERE key = $1")
+            .bind(key)
+            .fetch_one(pool)
+            .await?;
     if stored_hash != hash {
         return Err(ClaimError::Mismatch);
     }

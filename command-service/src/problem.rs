@@ -80,7 +80,13 @@ pub enum ApiError {
     Unavailable(ProblemJson),
 }
 
-fn problem(status: u16, kind: &str, title: &str, detail: String, field: Option<String>) -> ProblemJson {
+fn problem(
+    status: u16,
+    kind: &str,
+    title: &str,
+    detail: String,
+    field: Option<String>,
+) -> ProblemJson {
     ProblemJson(Problem {
         kind: format!("urn:overfly:problem:{kind}"),
         title: title.to_string(),
@@ -93,11 +99,23 @@ fn problem(status: u16, kind: &str, title: &str, detail: String, field: Option<S
 impl ApiError {
     pub fn invalid(error: FieldError) -> Self {
         let detail = error.to_string();
-        Self::Unprocessable(problem(422, "invalid-field", "Invalid field", detail, Some(error.field)))
+        Self::Unprocessable(problem(
+            422,
+            "invalid-field",
+            "Invalid field",
+            detail,
+            Some(error.field),
+        ))
     }
 
     pub fn bad_request(detail: impl Into<String>, field: Option<String>) -> Self {
-        Self::BadRequest(problem(400, "bad-request", "Bad request", detail.into(), field))
+        Self::BadRequest(problem(
+            400,
+            "bad-request",
+            "Bad request",
+            detail.into(),
+            field,
+        ))
     }
 
     pub fn not_found(detail: impl Into<String>) -> Self {
@@ -105,11 +123,23 @@ impl ApiError {
     }
 
     pub fn conflict(detail: impl Into<String>) -> Self {
-        Self::Conflict(problem(409, "conflict", "Conflict with the current state", detail.into(), None))
+        Self::Conflict(problem(
+            409,
+            "conflict",
+            "Conflict with the current state",
+            detail.into(),
+            None,
+        ))
     }
 
     pub fn unavailable(detail: impl Into<String>) -> Self {
-        Self::Unavailable(problem(503, "unavailable", "Service unavailable", detail.into(), None))
+        Self::Unavailable(problem(
+            503,
+            "unavailable",
+            "Service unavailable",
+            detail.into(),
+            None,
+        ))
     }
 
     /// Logs the cause with an id and answers with that id only.

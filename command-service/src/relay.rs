@@ -80,7 +80,10 @@ impl Relay {
             match self.lead().await {
                 Ok(()) => backoff = Duration::from_millis(100),
                 Err(error) => {
-                    tracing::warn!(error = format!("{error:#}"), "relay interrupted; restarting");
+                    tracing::warn!(
+                        error = format!("{error:#}"),
+                        "relay interrupted; restarting"
+                    );
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(5));
                 }
@@ -146,7 +149,12 @@ impl Relay {
         mut stream: stream::Stream,
     ) -> anyhow::Result<(Cursor, HashSet<i64>)> {
         let stored = load_position(conn, &self.config.stream).await?;
-        let state = stream.info().await.map_err(|e| anyhow!("stream info: {e}"))?.state.clone();
+        let state = stream
+            .info()
+            .await
+            .map_err(|e| anyhow!("stream info: {e}"))?
+            .state
+            .clone();
         let mut present = HashSet::new();
         let mut stream_last = Cursor::default();
         let mut lowest_walked = None;
@@ -155,7 +163,9 @@ impl Relay {
             while seq >= state.first_sequence && present.len() < MAX_TAIL_WALK {
                 let message = match stream.get_raw_message(seq).await {
                     Ok(message) => message,
-                    Err(e) if matches!(e.kind(), stream::LastRawMessageErrorKind::NoMessageFound) => {
+                    Err(e)
+                        if matches!(e.kind(), stream::LastRawMessageErrorKind::NoMessageFound) =>
+                    {
                         seq -= 1;
                         continue;
                     }
@@ -213,7 +223,10 @@ impl Relay {
         if let Some(limit) = self.config.abort_after
             && acked >= limit
         {
-            tracing::error!(acked, "fault injection: aborting after publish, before storing the position");
+            tracing::error!(
+                acked,
+                "fault injection: aborting after publish, before storing the position"
+            );
             std::process::abort();
         }
         Ok(())
@@ -259,28 +272,41 @@ async fn fetch_batch(
     .await
     .context("reading new events")?;
     rows.into_iter()
-        .map(|(tx, position, aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata, recorded_at)| {
-            let serde_json::Value::Object(metadata) = metadata else {
-                bail!("event {position} has non-object metadata");
-            };
-            Ok(Row {
-                cursor: Cursor {
-                    tx: tx.parse().context("xid8")?,
-                    position,
-                },
-                envelope: EventEnvelope {
-                    aggregate_type,
-                    aggregate_id,
-                    sequence,
-                    position,
-                    event_type,
-                    event_version,
-                    recorded_at,
-                    metadata,
-                    payload,
-                },
-            })
-        })
+        .map(
+            |(
+                tx,
+                position,
+                aggregate_type,
+                aggregate_id,
+                sequence,
+                event_type,
+                event_version,
+                payload,
+                metadata,
+                recorded_at,
+            )| {
+                let serde_json::Value::Object(metadata) = metadata else {
+                    bail!("event {position} has non-object metadata");
+                };
+                Ok(Row {
+                    cursor: Cursor {
+                        tx: tx.parse().context("xid8")?,
+                        position,
+                    },
+                    envelope: EventEnvelope {
+                        aggregate_type,
+                        aggregate_id,
+                        sequence,
+                        position,
+                        event_type,
+                        event_version,
+                        recorded_at,
+                        metadata,
+                        payload,
+                    },
+                })
+            },
+        )
         .collect()
 }
 
@@ -307,10 +333,7 @@ fn cursor_of(map: &HeaderMap) -> Option<Cursor> {
     })
 }
 
-pub async fn load_position(
-    conn: &mut sqlx::PgConnection,
-    stream: &str,
-) -> anyhow::Result<Cursor> {
+pub async fn load_position(conn: &mut sqlx::PgConnection, stream: &str) -> anyhow::Result<Cursor> {
     let row: Option<(String, i64)> = sqlx::query_as(
         "SELECT tx_id::text, global_position FROM relay_positions WHERE stream = $1",
     )

@@ -1,0 +1,8 @@
+//! Integration tests of the write side against a real Postgres and a real nats-server.
+
+mod concurrency;
+mod delivery;
+mod helpers;
+mod idempotency;
+mod openapi;
+mod rejections;
