@@ -6,3 +6,4 @@ mod helpers;
 mod idempotency;
 mod openapi;
 mod rejections;
+mod telemetry;
