@@ -1,0 +1,278 @@
+#!/usr/bin/env bash
+# Overfly demo: build the command service, migrate, start it in the background,
+# and walk through the write API with a few realistic GPU jobs.
+#
+# Expects Postgres and NATS to be up (`make demo` runs ops/deps.sh first).
+# Leaves the service running; `make stop` (ops/stop.sh) stops it.
+#
+# Idempotency keys are fixed, so running the demo again returns the same jobs
+# (that is the point of them). OVERFLY_DEMO_RUN=2 (any new value) submits fresh ones.
+#
+# OVERFLY_DEMO_BUILD=0 skips the cargo build and uses the binary already in
+# ${CARGO_TARGET_DIR:-target}/release.
+#
+# Every HTTP call is one small function below: when an endpoint's shape
+# changes, fix it there.
+set -euo pipefail
+# shellcheck source=ops/lib.sh
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+cd "$OVERFLY_ROOT"
+
+URL="${OVERFLY_COMMAND_URL%/}"
+RUN="${OVERFLY_DEMO_RUN:-1}"
+READY_TIMEOUT_S="${OVERFLY_DEMO_READY_TIMEOUT:-60}"
+TARGET_DIR="${CARGO_TARGET_DIR:-$OVERFLY_ROOT/target}"
+BIN="$TARGET_DIR/release/overfly-command"
+PID_FILE="$OVERFLY_STATE_DIR/command.pid"
+LOG_FILE="$OVERFLY_STATE_DIR/command.log"
+
+require_rust_toolchain
+have curl || die "curl is required (apt-get install curl, or run ops/deps.sh)"
+
+# Count steps whose answer was not what we expected; the demo goes on, and
+# exits non-zero at the end if any did.
+FAILED=0
+fail() { warn "$*"; FAILED=$((FAILED + 1)); }
+
+# ------------------------------------------------------------ HTTP helpers
+HEADERS_FILE="$(mktemp)"
+trap 'rm -f "$HEADERS_FILE"' EXIT
+
+# api METHOD PATH [JSON_BODY] [IDEMPOTENCY_KEY]
+# Every call carries X-Correlation-Id: overfly-demo-<run>, so the demo's events
+# are easy to find in the event store.
+# Sets HTTP_STATUS, HTTP_CTYPE, HTTP_BODY and HTTP_REPLAYED (the
+# Idempotent-Replayed response header, "true" when a stored response was
+# replayed). Never fails the script.
+api() {
+  local method="$1" path="$2" body="${3:-}" key="${4:-}" out
+  local -a args=(-sS -X "$method" "$URL$path" -D "$HEADERS_FILE" -w '\n%{http_code} %{content_type}' --max-time 15
+    -H "X-Correlation-Id: overfly-demo-$RUN")
+  if [ -n "$body" ]; then args+=(-H 'content-type: application/json' --data-binary "$body"); fi
+  if [ -n "$key" ]; then args+=(-H "Idempotency-Key: $key"); fi
+  HTTP_REPLAYED=""
+  if ! out="$(curl "${args[@]}" 2>&1)"; then
+    HTTP_STATUS=000 HTTP_CTYPE="" HTTP_BODY="$out"
+    return 0
+  fi
+  HTTP_BODY="${out%$'\n'*}"
+  local meta="${out##*$'\n'}"
+  HTTP_STATUS="${meta%% *}"
+  HTTP_CTYPE="${meta#* }"
+  HTTP_REPLAYED="$(tr -d '\r' <"$HEADERS_FILE" | sed -n 's/^[Ii]dempotent-[Rr]eplayed:[[:space:]]*//p' | tail -n 1)"
+}
+
+# Pretty-print a JSON body with jq when it is installed; raw otherwise.
+show_body() {
+  if [ -z "$HTTP_BODY" ]; then
+    note "(empty body)"
+  elif have jq && jq . <<<"$HTTP_BODY" >/dev/null 2>&1; then
+    jq . <<<"$HTTP_BODY" | sed 's/^/    /'
+  else
+    printf '    %s\n' "$HTTP_BODY"
+  fi
+}
+
+# The "id" field of the last response body (no jq needed).
+body_id() {
+  sed -n 's/.*"id"[[:space:]]*:[[:space:]]*"\([^"]*\)".*/\1/p' <<<"$HTTP_BODY" | head -n 1
+}
+
+is_2xx() { [[ "$HTTP_STATUS" == 2?? ]]; }
+
+# Check the answer to a state change. On a re-run (the submits were replayed)
+# the change was already made by an earlier run, so 409 Conflict is expected.
+expect_change() { # WHAT
+  if is_2xx; then
+    return 0
+  elif [ "$HTTP_STATUS" = 409 ] && [ "$RERUN" = 1 ]; then
+    note "409: already done by an earlier demo run (OVERFLY_DEMO_RUN=<new value> for fresh jobs)"
+  else
+    fail "$1 answered $HTTP_STATUS"
+  fi
+}
+
+# -------------------------------------------------------------- endpoints
+# submit_job IDEMPOTENCY_KEY JSON -> sets JOB_ID (empty on failure)
+submit_job() {
+  JOB_ID=""
+  api POST /jobs "$2" "$1"
+  if is_2xx; then
+    JOB_ID="$(body_id)"
+    [ -n "$JOB_ID" ] || fail "POST /jobs ($1) answered $HTTP_STATUS without an id: $HTTP_BODY"
+  else
+    fail "POST /jobs ($1) answered $HTTP_STATUS: $HTTP_BODY"
+  fi
+}
+
+cancel_job() { # ID BY REASON
+  api POST "/jobs/$1/cancel" "{\"by\":\"$2\",\"reason\":\"$3\"}"
+}
+
+change_priority() { # ID PRIORITY BY REASON
+  api POST "/jobs/$1/priority" "{\"priority\":$2,\"by\":\"$3\",\"reason\":\"$4\"}"
+}
+
+register_executor() { # JSON
+  api POST /executors "$1"
+}
+
+ready() {
+  [ "$(curl -s -o /dev/null -w '%{http_code}' --max-time 2 "$URL/readyz" 2>/dev/null)" = 200 ]
+}
+
+# ----------------------------------------------------------- build + start
+if [ "${OVERFLY_DEMO_BUILD:-1}" = 0 ]; then
+  step "using the existing build (OVERFLY_DEMO_BUILD=0)"
+else
+  step "building the command service (release)"
+  cargo build --release -p overfly-command-service
+fi
+[ -x "$BIN" ] || die "$BIN is missing (build it: cargo build --release -p overfly-command-service)"
+
+step "running migrations"
+"$BIN" migrate
+
+mkdir -p "$OVERFLY_STATE_DIR"
+step "command service at $URL"
+pid="$(cat "$PID_FILE" 2>/dev/null || true)"
+if pid_runs "$pid" overfly-command; then
+  ok "already running (pid $pid), reusing it; \`make stop\` stops it"
+elif ready; then
+  ok "something already answers at $URL/readyz (not started by this demo); using it"
+else
+  rm -f "$PID_FILE"
+  printf '\n--- %s: overfly-command serve\n' "$(date -Is)" >>"$LOG_FILE"
+  LOG_OFFSET="$(wc -c <"$LOG_FILE")"
+  STARTED=1
+  # setsid: the service outlives this script and ignores Ctrl-C sent to it.
+  # NO_COLOR: plain log lines in the file.
+  NO_COLOR=1 setsid "$BIN" serve </dev/null >>"$LOG_FILE" 2>&1 &
+  pid=$!
+  echo "$pid" >"$PID_FILE"
+  note "started pid $pid, log $LOG_FILE"
+fi
+
+# The last lines this run's service wrote to its log.
+log_tail() {
+  tail -c +"$((${LOG_OFFSET:-0} + 1))" "$LOG_FILE" 2>/dev/null | tail -n 20 | sed 's/^/    | /' >&2 || true
+}
+
+deadline=$((SECONDS + READY_TIMEOUT_S))
+until ready; do
+  if [ "${STARTED:-0}" = 1 ] && ! kill -0 "$pid" 2>/dev/null; then
+    log_tail
+    rm -f "$PID_FILE"
+    die "the command service exited during start-up (log above, full log in $LOG_FILE)"
+  fi
+  if [ "$SECONDS" -ge "$deadline" ]; then
+    log_tail
+    if [ "${STARTED:-0}" = 1 ]; then
+      note "stopping the service this demo started (pid $pid)"
+      kill "$pid" 2>/dev/null || true
+      rm -f "$PID_FILE"
+    fi
+    die "$URL/readyz did not return 200 within ${READY_TIMEOUT_S}s (log: $LOG_FILE)"
+  fi
+  sleep 1
+done
+ok "ready ($URL/readyz = 200)"
+
+# ------------------------------------------------------------------- jobs
+step "submitting jobs (Idempotency-Key: demo-*-$RUN)"
+
+# short name -> job id. One line per job keeps them easy to scan and edit.
+declare -A JOB
+declare -A BODY
+submit() { # SHORT_NAME JSON
+  BODY[$1]="$2"
+  submit_job "demo-$1-$RUN" "$2"
+  JOB[$1]="$JOB_ID"
+  if [ -n "$JOB_ID" ]; then
+    local how="HTTP $HTTP_STATUS"
+    if [ "$HTTP_REPLAYED" = true ]; then
+      how="$how, replayed"
+      RERUN=1
+    fi
+    printf '    %-12s %s  (%s)\n' "$1" "$JOB_ID" "$how" >&2
+  fi
+}
+RERUN=0
+
+submit tiles '{"name":"tiles-eu-west","account":"geo-team","submitted_by":"ana","priority":60,"gpus":2,"gpu_memory_mb":40000,"command":["python","infer.py","--tiles","1200"],"env":{"BATCH":"64"},"params":{"region":"eu-west"},"labels":{"benchmark":"tiles-v1"},"max_retries":2,"timeout_s":3600}'
+submit tiles-us '{"name":"tiles-us-east","account":"geo-team","submitted_by":"ana","priority":60,"gpus":2,"gpu_memory_mb":40000,"command":["python","infer.py","--tiles","800"],"env":{"BATCH":"64"},"params":{"region":"us-east"},"labels":{"benchmark":"tiles-v1"},"max_retries":2,"timeout_s":3600}'
+submit floods '{"name":"segformer-floods-2025","account":"geo-team","submitted_by":"eli","priority":40,"gpus":1,"gpu_memory_mb":24000,"command":["python","segment.py","--model","segformer-b2","--scenes","sentinel1/2025-q3"],"env":{"OMP_NUM_THREADS":"8"},"params":{"threshold":0.35},"labels":{"project":"flood-watch"},"max_retries":1,"timeout_s":7200}'
+submit resnet '{"name":"resnet50-finetune-crops","account":"vision-team","submitted_by":"bo","priority":50,"gpus":4,"gpu_memory_mb":70000,"command":["torchrun","--nproc_per_node","4","train.py","--model","resnet50","--epochs","20"],"env":{"NCCL_DEBUG":"WARN"},"params":{"lr":0.0003,"batch_size":256},"labels":{"dataset":"crops-v3"},"max_retries":3,"timeout_s":28800}'
+submit clip '{"name":"clip-embed-backfill","account":"vision-team","submitted_by":"farid","priority":20,"gpus":8,"gpu_memory_mb":60000,"command":["python","embed.py","--model","ViT-L-14","--shards","0-511"],"env":{"BATCH":"1024"},"params":{"shards":512},"labels":{"kind":"backfill"},"max_retries":5,"timeout_s":86400}'
+submit llm-eval '{"name":"llm-eval-mmlu","account":"nlp-team","submitted_by":"chen","priority":70,"gpus":1,"gpu_memory_mb":75000,"command":["python","eval.py","--model","llama-3-8b-instruct","--suite","mmlu","--shots","5"],"env":{"HF_HUB_OFFLINE":"1"},"params":{"shots":5},"labels":{"benchmark":"mmlu"},"max_retries":1,"timeout_s":5400}'
+submit sweep-lr-1 '{"name":"sweep-lora-lr-1e-4","account":"nlp-team","submitted_by":"dana","priority":30,"gpus":1,"gpu_memory_mb":40000,"command":["python","finetune_lora.py","--lr","1e-4","--rank","16"],"env":{"WANDB_MODE":"offline"},"params":{"lr":0.0001,"rank":16},"labels":{"sweep":"lora-lr"},"max_retries":0,"timeout_s":10800}'
+submit sweep-lr-2 '{"name":"sweep-lora-lr-3e-4","account":"nlp-team","submitted_by":"dana","priority":30,"gpus":1,"gpu_memory_mb":40000,"command":["python","finetune_lora.py","--lr","3e-4","--rank","16"],"env":{"WANDB_MODE":"offline"},"params":{"lr":0.0003,"rank":16},"labels":{"sweep":"lora-lr"},"max_retries":0,"timeout_s":10800}'
+
+step "idempotency: replaying the tiles-eu-west submit with the same Idempotency-Key"
+submit_job "demo-tiles-$RUN" "${BODY[tiles]}"
+replayed="$JOB_ID"
+note "HTTP $HTTP_STATUS"
+show_body
+if [ -n "$replayed" ] && [ "$replayed" = "${JOB[tiles]:-}" ]; then
+  ok "same id back ($replayed${HTTP_REPLAYED:+, Idempotent-Replayed: $HTTP_REPLAYED}): no second job"
+elif [ -n "$replayed" ]; then
+  fail "replay returned a different id: ${JOB[tiles]:-?} then $replayed"
+fi
+
+step "validation: a job with priority 300 is rejected"
+api POST /jobs '{"name":"too-important","account":"nlp-team","submitted_by":"chen","priority":300,"gpus":1,"gpu_memory_mb":16000,"command":["python","eval.py","--suite","gsm8k"],"timeout_s":600}' "demo-bad-$RUN"
+note "HTTP $HTTP_STATUS $HTTP_CTYPE"
+show_body
+if [ "$HTTP_STATUS" != 422 ]; then
+  fail "expected 422 application/problem+json, got $HTTP_STATUS $HTTP_CTYPE"
+elif [[ "$HTTP_CTYPE" != application/problem+json* ]]; then
+  fail "expected content-type application/problem+json, got '$HTTP_CTYPE'"
+fi
+
+if [ -n "${JOB[tiles-us]:-}" ]; then
+  step "cancel: ana cancels tiles-us-east (wrong region)"
+  cancel_job "${JOB[tiles-us]}" ana "wrong region"
+  note "HTTP $HTTP_STATUS"
+  show_body
+  expect_change "cancel"
+fi
+
+if [ -n "${JOB[llm-eval]:-}" ]; then
+  step "priority: lead raises llm-eval-mmlu to 90 (deadline)"
+  change_priority "${JOB[llm-eval]}" 90 lead "deadline"
+  note "HTTP $HTTP_STATUS"
+  show_body
+  expect_change "priority change"
+fi
+
+step "executor: registering gpu-host-1 with one H100"
+register_executor '{"executor_id":"gpu-host-1","hostname":"gpu-host-1","lease_s":30,"gpus":[{"uuid":"GPU-00000000-0000-0000-0000-000000000001","index":0,"name":"NVIDIA H100 80GB HBM3","memory_mb":81559,"compute_capability":"9.0"}]}'
+note "HTTP $HTTP_STATUS"
+show_body
+expect_change "executor registration"
+
+# ---------------------------------------------------------- where to look
+step "the last events in the event store"
+if have psql; then
+  psql -X -P pager=off "$DATABASE_URL" -c "select global_position, aggregate_type, aggregate_id, sequence, event_type, recorded_at from events order by global_position desc limit 15" ||
+    fail "could not read the events table"
+else
+  note "(psql not installed)"
+fi
+
+step "JetStream stream"
+"$BIN" stream-info || fail "overfly-command stream-info failed"
+
+say ""
+say "Where to look next:"
+say "  API docs (Swagger UI)  $URL/docs"
+say "  OpenAPI document       $URL/openapi.json"
+say "  service log            $LOG_FILE"
+say "  events                 psql \"$DATABASE_URL\" -c 'select * from events order by global_position desc limit 15'"
+say "  stream                 $BIN stream-info"
+say "  stop the service       make stop   (Postgres and NATS keep running)"
+
+if [ "$FAILED" -gt 0 ]; then
+  die "$FAILED demo step(s) did not answer as expected (see warnings above)"
+fi
+say "demo done."
