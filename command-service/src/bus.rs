@@ -6,10 +6,14 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use cqrs_es::{Aggregate, AggregateError};
+use cqrs_es::persist::PersistedEventStore;
+use cqrs_es::{Aggregate, AggregateError, CqrsFramework};
 use overfly_domain::executor::{Executor, ExecutorCommand, ExecutorError};
 use overfly_domain::job::{Job, JobCommand, JobError, JobServices};
-use postgres_es::PostgresCqrs;
+
+use crate::event_store::{APPENDED, EventRepository};
+
+type Framework<A> = CqrsFramework<A, PersistedEventStore<EventRepository, A>>;
 use sqlx::PgPool;
 use tokio::sync::Notify;
 use uuid::Uuid;
@@ -52,8 +56,8 @@ pub enum CommandError<E: std::error::Error> {
 }
 
 pub struct CommandBus {
-    jobs: PostgresCqrs<Job>,
-    executors: PostgresCqrs<Executor>,
+    jobs: Framework<Job>,
+    executors: Framework<Executor>,
     pool: PgPool,
     committed: Arc<Notify>,
 }
@@ -62,11 +66,17 @@ impl CommandBus {
     /// `committed` is notified after every commit, so an in-process relay publishes at once.
     pub fn new(pool: PgPool, services: JobServices, committed: Arc<Notify>) -> Self {
         Self {
-            jobs: postgres_es::postgres_cqrs(pool.clone(), vec![], services),
-            executors: postgres_es::postgres_snapshot_cqrs(
-                pool.clone(),
+            jobs: CqrsFramework::new(
+                PersistedEventStore::new_event_store(EventRepository::new(pool.clone())),
                 vec![],
-                EXECUTOR_SNAPSHOT_EVERY,
+                services,
+            ),
+            executors: CqrsFramework::new(
+                PersistedEventStore::new_snapshot_store(
+                    EventRepository::new(pool.clone()),
+                    EXECUTOR_SNAPSHOT_EVERY,
+                ),
+                vec![],
                 (),
             ),
             pool,
@@ -104,7 +114,7 @@ impl CommandBus {
 
     async fn execute<A>(
         &self,
-        cqrs: &PostgresCqrs<A>,
+        cqrs: &Framework<A>,
         aggregate_id: &str,
         command: A::Command,
         name: &'static str,
@@ -117,27 +127,48 @@ impl CommandBus {
         let command_id = Uuid::new_v4().to_string();
         let metadata = metadata(ctx, name, &command_id);
         for attempt in 1..=MAX_ATTEMPTS {
-            match cqrs
-                .execute_with_metadata(aggregate_id, command.clone(), metadata.clone())
-                .await
-            {
-                Ok(()) => {
+            let appended = std::cell::Cell::new(None);
+            let outcome = APPENDED
+                .scope(
+                    appended,
+                    async {
+                        let outcome = cqrs
+                            .execute_with_metadata(aggregate_id, command.clone(), metadata.clone())
+                            .await;
+                        (outcome, APPENDED.with(std::cell::Cell::get))
+                    },
+                )
+                .await;
+            match outcome {
+                (Ok(()), Some((version, position))) => {
+                    self.committed.notify_one();
+                    return Ok(Recorded {
+                        aggregate_id: aggregate_id.to_string(),
+                        version,
+                        position,
+                        changed: true,
+                    });
+                }
+                (Ok(()), None) => {
                     self.committed.notify_one();
                     return self.recorded(A::TYPE, aggregate_id, &command_id).await;
                 }
-                Err(AggregateError::AggregateConflict) => {
+                (Err(AggregateError::AggregateConflict), _) => {
                     tracing::debug!(attempt, "optimistic concurrency conflict; re-running");
                     tokio::time::sleep(Duration::from_millis(u64::from(attempt))).await;
                 }
-                Err(AggregateError::UserError(error)) => return Err(CommandError::Domain(error)),
-                Err(other) => return Err(CommandError::Store(other.to_string())),
+                (Err(AggregateError::UserError(error)), _) => {
+                    return Err(CommandError::Domain(error));
+                }
+                (Err(other), _) => return Err(CommandError::Store(other.to_string())),
             }
         }
         Err(CommandError::Conflict(A::TYPE))
     }
 
-    /// The version and position after the command: of its own last event, or of the
-    /// aggregate's last event when it recorded none.
+    /// The version and position after a command whose append did not report them (a
+    /// snapshot was written with its events, or it recorded nothing): of its own last event,
+    /// or of the aggregate's last event when it recorded none.
     async fn recorded<E: std::error::Error>(
         &self,
         aggregate_type: &str,

@@ -10,6 +10,7 @@ mod body;
 pub mod bus;
 pub mod cli;
 pub mod config;
+mod event_store;
 pub mod idempotency;
 pub mod problem;
 pub mod relay;

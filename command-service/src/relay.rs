@@ -105,6 +105,12 @@ impl Relay {
             }
             tokio::time::sleep(Duration::from_secs(1)).await;
         }
+        // The position is a hint the relay re-checks against the stream on every start, so
+        // its writes need not wait for the WAL flush: a position lost in a Postgres crash only
+        // makes the relay re-read the stream's tail. The events themselves are untouched.
+        sqlx::query("SET synchronous_commit = off")
+            .execute(&mut conn)
+            .await?;
         tracing::info!(stream = %self.config.stream, "relay is the leader");
         let stream = self.ensure_stream().await?;
         let (mut cursor, mut already_in_stream) = self.reconcile(&mut conn, stream).await?;
