@@ -129,15 +129,12 @@ impl CommandBus {
         for attempt in 1..=MAX_ATTEMPTS {
             let appended = std::cell::Cell::new(None);
             let outcome = APPENDED
-                .scope(
-                    appended,
-                    async {
-                        let outcome = cqrs
-                            .execute_with_metadata(aggregate_id, command.clone(), metadata.clone())
-                            .await;
-                        (outcome, APPENDED.with(std::cell::Cell::get))
-                    },
-                )
+                .scope(appended, async {
+                    let outcome = cqrs
+                        .execute_with_metadata(aggregate_id, command.clone(), metadata.clone())
+                        .await;
+                    (outcome, APPENDED.with(std::cell::Cell::get))
+                })
                 .await;
             match outcome {
                 (Ok(()), Some((version, position))) => {

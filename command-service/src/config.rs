@@ -92,6 +92,14 @@ pub struct RelayConfig {
         global = true
     )]
     pub poll_ms: u64,
+    /// After being woken by a commit, wait this long so that concurrent commits share a batch.
+    #[arg(
+        long = "relay-linger-ms",
+        env = "OVERFLY_RELAY_LINGER_MS",
+        default_value_t = 2,
+        global = true
+    )]
+    pub linger_ms: u64,
     /// JetStream stream that receives the events.
     #[arg(long = "relay-stream", env = "OVERFLY_EVENTS_STREAM", default_value = overfly_schemas::subjects::EVENTS_STREAM, global = true)]
     pub stream: String,
@@ -110,13 +118,17 @@ impl RelayConfig {
     pub fn poll_interval(&self) -> Duration {
         Duration::from_millis(self.poll_ms)
     }
+
+    pub fn linger(&self) -> Duration {
+        Duration::from_millis(self.linger_ms)
+    }
 }
 
 impl Config {
     /// The effective configuration, secrets redacted, for the start-up log.
     pub fn describe(&self) -> String {
         format!(
-            "database_url={} nats_url={} addr={} db_pool_size={} relay_enabled={} relay_batch_size={} relay_poll_ms={} relay_stream={} otlp_endpoint={}",
+            "database_url={} nats_url={} addr={} db_pool_size={} relay_enabled={} relay_batch_size={} relay_poll_ms={} relay_linger_ms={} relay_stream={} otlp_endpoint={}",
             overfly_infra::db::redact_url(&self.database_url),
             overfly_infra::db::redact_url(&self.nats_url),
             self.addr,
@@ -124,6 +136,7 @@ impl Config {
             self.relay_enabled,
             self.relay.batch_size,
             self.relay.poll_ms,
+            self.relay.linger_ms,
             self.relay.stream,
             std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT").unwrap_or_else(|_| "unset".into()),
         )

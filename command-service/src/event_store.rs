@@ -38,7 +38,10 @@ impl EventRepository {
         }
     }
 
-    async fn append<A: Aggregate>(&self, events: &[SerializedEvent]) -> Result<(), PersistenceError> {
+    async fn append<A: Aggregate>(
+        &self,
+        events: &[SerializedEvent],
+    ) -> Result<(), PersistenceError> {
         let Some(first) = events.first() else {
             return Ok(());
         };

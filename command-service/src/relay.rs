@@ -7,7 +7,8 @@
 //!   `global_position` order allows (a transaction that took a lower position can commit
 //!   after one with a higher position).
 //! - **Position after ack.** A batch is published with all messages in flight, and the
-//!   position is stored only after JetStream acked every one of them.
+//!   position is stored only after JetStream acked every one of them (at most every 100 ms
+//!   while events keep coming, and whenever the relay catches up).
 //! - **One publisher.** A session-level Postgres advisory lock, held on the connection the
 //!   relay reads and writes its position with: losing the connection loses leadership and
 //!   stops this relay's writes. Other instances stand by.
@@ -21,6 +22,8 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
+
+use tokio::time::Instant;
 
 use anyhow::{Context as _, anyhow, bail};
 use async_nats::HeaderMap;
@@ -39,6 +42,9 @@ const LEADER_LOCK: i64 = 0x6f76_6572_666c_7901;
 const ACK_TIMEOUT: Duration = Duration::from_secs(10);
 /// At most this many stream messages are inspected at start-up when the stream is ahead.
 const MAX_TAIL_WALK: usize = 100_000;
+/// How often the position is stored while events keep coming. A crash loses at most this
+/// much progress, which the next start recovers by reading the stream's tail.
+const POSITION_EVERY: Duration = Duration::from_millis(100);
 
 /// The relay's cursor: a point in commit order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
@@ -114,11 +120,22 @@ impl Relay {
         tracing::info!(stream = %self.config.stream, "relay is the leader");
         let stream = self.ensure_stream().await?;
         let (mut cursor, mut already_in_stream) = self.reconcile(&mut conn, stream).await?;
+        // Published but not yet stored: the position is written at most every
+        // POSITION_EVERY, and whenever the relay catches up.
+        let mut unsaved: Option<Cursor> = None;
+        let mut saved_at = Instant::now();
         loop {
             let batch = fetch_batch(&mut conn, cursor, self.config.batch_size).await?;
             let Some(last) = batch.last() else {
+                if let Some(position) = unsaved.take() {
+                    store_position(&mut conn, &self.config.stream, position).await?;
+                    saved_at = Instant::now();
+                }
                 tokio::select! {
-                    () = self.wake.notified() => {}
+                    () = self.wake.notified() => {
+                        // Let the commits that follow this one join its batch.
+                        tokio::time::sleep(self.config.linger()).await;
+                    }
                     () = tokio::time::sleep(self.config.poll_interval()) => {}
                 }
                 continue;
@@ -129,8 +146,13 @@ impl Relay {
                 .filter(|row| !already_in_stream.remove(&row.envelope.position))
                 .collect();
             self.publish(&to_publish).await?;
-            store_position(&mut conn, &self.config.stream, next).await?;
             cursor = next;
+            unsaved = Some(next);
+            if saved_at.elapsed() >= POSITION_EVERY {
+                store_position(&mut conn, &self.config.stream, next).await?;
+                unsaved = None;
+                saved_at = Instant::now();
+            }
         }
     }
 

@@ -199,7 +199,9 @@ async fn a_relay_crash_between_ack_and_position_loses_and_duplicates_nothing() {
     assert!(!status.success(), "the relay must have aborted");
     let stream = stream_events(&app.nats.url(), 1000, Duration::from_secs(20)).await;
     assert_eq!(stream.len(), 1000, "two batches of 500 were acked");
-    let stored = relay_position(&app).await.expect("first batch stored");
+    // The position may not have been stored at all (it is written at most every 100 ms):
+    // either way the stream is ahead of it.
+    let stored = relay_position(&app).await.unwrap_or(0);
     assert!(
         stored < stream.last().unwrap().position,
         "the crash happened before the second batch's position was stored"

@@ -2,6 +2,7 @@
 
 mod concurrency;
 mod delivery;
+mod executors;
 mod helpers;
 mod idempotency;
 mod openapi;

@@ -19,3 +19,25 @@ async fn the_checked_in_openapi_document_matches_the_code() {
          then regenerate with OVERFLY_BLESS=1 cargo test -p overfly-command-service --test api openapi"
     );
 }
+
+#[tokio::test]
+async fn the_service_serves_its_document_swagger_ui_and_health() {
+    let app = crate::helpers::spawn_app().await;
+    let spec: serde_json::Value = app
+        .http
+        .get(app.url("/openapi.json"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(spec["paths"]["/jobs"]["post"].is_object());
+    let docs = app.http.get(app.url("/docs")).send().await.unwrap();
+    assert_eq!(docs.status(), 200);
+    assert!(docs.text().await.unwrap().contains("swagger"));
+    let health = app.http.get(app.url("/healthz")).send().await.unwrap();
+    assert_eq!(health.status(), 200);
+    let ready = app.http.get(app.url("/readyz")).send().await.unwrap();
+    assert_eq!(ready.status(), 200);
+}

@@ -24,7 +24,9 @@ async fn fake_collector() -> (String, mpsc::UnboundedReceiver<(String, Vec<u8>)>
                 let mut data = Vec::new();
                 let mut buf = [0u8; 65536];
                 loop {
-                    let Ok(n) = socket.read(&mut buf).await else { return };
+                    let Ok(n) = socket.read(&mut buf).await else {
+                        return;
+                    };
                     if n == 0 {
                         return;
                     }
@@ -37,7 +39,8 @@ async fn fake_collector() -> (String, mpsc::UnboundedReceiver<(String, Vec<u8>)>
                         .lines()
                         .find_map(|l| {
                             let (k, v) = l.split_once(':')?;
-                            k.eq_ignore_ascii_case("content-length").then(|| v.trim().parse().ok())?
+                            k.eq_ignore_ascii_case("content-length")
+                                .then(|| v.trim().parse().ok())?
                         })
                         .unwrap_or(0);
                     if data.len() < head_end + 4 + length {
@@ -69,7 +72,11 @@ async fn trace_context_reaches_the_events_and_spans_are_exported_over_otlp() {
     let db = TestDb::create().await;
     let nats = TestNats::start().await;
     let (endpoint, mut received) = fake_collector().await;
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let mut service = std::process::Command::new(env!("CARGO_BIN_EXE_overfly-command"))
         .arg("serve")
         .env("DATABASE_URL", &db.url)
@@ -106,7 +113,10 @@ async fn trace_context_reaches_the_events_and_spans_are_exported_over_otlp() {
         .await
         .unwrap();
     assert_eq!(response.status(), 201);
-    let id = response.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_string();
+    let id = response.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
 
     let pool = sqlx::PgPool::connect(&db.url).await.unwrap();
     let metadata: Value = sqlx::query_scalar("SELECT metadata FROM events WHERE aggregate_id = $1")
@@ -115,7 +125,10 @@ async fn trace_context_reaches_the_events_and_spans_are_exported_over_otlp() {
         .await
         .unwrap();
     let traceparent = metadata["traceparent"].as_str().unwrap();
-    assert!(traceparent.starts_with(&format!("00-{trace_id}-")), "{traceparent}");
+    assert!(
+        traceparent.starts_with(&format!("00-{trace_id}-")),
+        "{traceparent}"
+    );
     assert_eq!(metadata["correlation_id"], "corr-42");
 
     // The exported spans belong to the caller's trace.
@@ -135,5 +148,8 @@ async fn trace_context_reaches_the_events_and_spans_are_exported_over_otlp() {
     let _ = service.kill();
     let _ = service.wait();
     pool.close().await;
-    assert!(found, "no OTLP export carrying the trace id reached the collector");
+    assert!(
+        found,
+        "no OTLP export carrying the trace id reached the collector"
+    );
 }
