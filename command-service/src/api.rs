@@ -339,16 +339,20 @@ impl CommandApi {
         };
         // A keyed job id is known only to requests carrying that key: if the job exists,
         // another request with the same key created it, so answer as it was answered.
-        let (job_id, keyed) = match claim {
-            Claim::New(id) => (id, idempotency_key_given),
-            Claim::Replay(id) => (id, true),
+        let (job_id, keyed) = match &claim {
+            Claim::New(id) => (*id, idempotency_key_given),
+            Claim::Replay(id) => (*id, true),
         };
         let command = JobCommand::SubmitJob {
             job_id,
             spec,
             at: Utc::now(),
         };
-        let (accepted, replayed) = match self.bus.job(job_id, command, &ctx).await {
+        let outcome = match claim {
+            Claim::New(_) => self.bus.new_job(job_id, command, &ctx).await,
+            Claim::Replay(_) => self.bus.job(job_id, command, &ctx).await,
+        };
+        let (accepted, replayed) = match outcome {
             Ok(recorded) => (Accepted::from(recorded), false),
             Err(CommandError::Domain(JobError::AlreadySubmitted)) if keyed => {
                 (self.first_response(job_id).await?, true)

@@ -11,7 +11,7 @@ use cqrs_es::{Aggregate, AggregateError, CqrsFramework};
 use overfly_domain::executor::{Executor, ExecutorCommand, ExecutorError};
 use overfly_domain::job::{Job, JobCommand, JobError, JobServices};
 
-use crate::event_store::{APPENDED, EventRepository};
+use crate::event_store::{CommandScope, EventRepository, SCOPE};
 
 type Framework<A> = CqrsFramework<A, PersistedEventStore<EventRepository, A>>;
 use sqlx::PgPool;
@@ -96,7 +96,21 @@ impl CommandBus {
         ctx: &CommandContext,
     ) -> Result<Recorded, CommandError<JobError>> {
         let name = command.name();
-        self.execute(&self.jobs, &job_id.to_string(), command, name, ctx)
+        self.execute(&self.jobs, &job_id.to_string(), command, name, ctx, false)
+            .await
+    }
+
+    /// Like [`CommandBus::job`] for a job id generated for this very command (a submit
+    /// without a replayed idempotency key): the empty aggregate is not loaded.
+    #[tracing::instrument(skip_all, fields(job_id = %job_id, command = command.name()))]
+    pub async fn new_job(
+        &self,
+        job_id: Uuid,
+        command: JobCommand,
+        ctx: &CommandContext,
+    ) -> Result<Recorded, CommandError<JobError>> {
+        let name = command.name();
+        self.execute(&self.jobs, &job_id.to_string(), command, name, ctx, true)
             .await
     }
 
@@ -108,7 +122,7 @@ impl CommandBus {
         ctx: &CommandContext,
     ) -> Result<Recorded, CommandError<ExecutorError>> {
         let name = command.name();
-        self.execute(&self.executors, executor_id, command, name, ctx)
+        self.execute(&self.executors, executor_id, command, name, ctx, false)
             .await
     }
 
@@ -119,6 +133,7 @@ impl CommandBus {
         command: A::Command,
         name: &'static str,
         ctx: &CommandContext,
+        known_new: bool,
     ) -> Result<Recorded, CommandError<A::Error>>
     where
         A: Aggregate,
@@ -127,13 +142,17 @@ impl CommandBus {
         let command_id = Uuid::new_v4().to_string();
         let metadata = metadata(ctx, name, &command_id);
         for attempt in 1..=MAX_ATTEMPTS {
-            let appended = std::cell::Cell::new(None);
-            let outcome = APPENDED
-                .scope(appended, async {
+            let scope = CommandScope {
+                // Only the first attempt: a conflict means the aggregate exists after all.
+                known_new: known_new && attempt == 1,
+                appended: std::cell::Cell::new(None),
+            };
+            let outcome = SCOPE
+                .scope(scope, async {
                     let outcome = cqrs
                         .execute_with_metadata(aggregate_id, command.clone(), metadata.clone())
                         .await;
-                    (outcome, APPENDED.with(std::cell::Cell::get))
+                    (outcome, SCOPE.with(|scope| scope.appended.get()))
                 })
                 .await;
             match outcome {

@@ -20,9 +20,18 @@ use sqlx::PgPool;
 /// What the last append of the current command wrote: `(last sequence, its global position)`.
 pub type Appended = Option<(i64, i64)>;
 
+/// Set by the command bus around one execution of a command.
+pub struct CommandScope {
+    /// The aggregate id was generated for this command just now, so the aggregate has no
+    /// events and loading it can be skipped. Should it exist after all, appending sequence 1
+    /// fails the primary key and the command is re-run with a real load.
+    pub known_new: bool,
+    /// Filled by `persist`.
+    pub appended: Cell<Appended>,
+}
+
 tokio::task_local! {
-    /// Set by the command bus around one command execution; filled by `persist`.
-    pub static APPENDED: Cell<Appended>;
+    pub static SCOPE: CommandScope;
 }
 
 pub struct EventRepository {
@@ -78,7 +87,7 @@ impl EventRepository {
         .fetch_one(&self.pool)
         .await
         .map_err(persistence_error)?;
-        let _ = APPENDED.try_with(|appended| appended.set(Some(last)));
+        let _ = SCOPE.try_with(|scope| scope.appended.set(Some(last)));
         Ok(())
     }
 }
@@ -100,6 +109,9 @@ impl PersistedEventRepository for EventRepository {
         &self,
         aggregate_id: &str,
     ) -> Result<Vec<SerializedEvent>, PersistenceError> {
+        if SCOPE.try_with(|scope| scope.known_new).unwrap_or(false) {
+            return Ok(Vec::new());
+        }
         self.postgres_es.get_events::<A>(aggregate_id).await
     }
 

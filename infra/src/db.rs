@@ -17,6 +17,9 @@ pub async fn connect(url: &str, max_connections: u32, wait: Duration) -> anyhow:
         let attempt = PgPoolOptions::new()
             .max_connections(max_connections)
             .acquire_timeout(Duration::from_secs(5))
+            // A ping before every checkout costs a round trip per query; a broken
+            // connection fails the query instead, and cqrs-es reports it as such.
+            .test_before_acquire(false)
             .connect(url)
             .await;
         match attempt {

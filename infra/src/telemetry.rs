@@ -42,7 +42,11 @@ pub fn init(service_name: &'static str) -> anyhow::Result<TelemetryGuard> {
     // events carry a trace context even when logging is quiet.
     let log_filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let _ = tracing_subscriber::registry()
-        .with(fmt::layer().with_writer(std::io::stderr).with_filter(log_filter))
+        .with(
+            fmt::layer()
+                .with_writer(std::io::stderr)
+                .with_filter(log_filter),
+        )
         .with(
             tracing_opentelemetry::layer()
                 .with_tracer(tracer)

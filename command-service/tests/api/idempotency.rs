@@ -94,3 +94,42 @@ async fn a_malformed_key_is_refused() {
     assert_eq!(problem["field"], "Idempotency-Key");
     assert_eq!(app.event_count().await, 0);
 }
+
+/// A submit with a freshly generated id skips loading the (empty) aggregate. Should that id
+/// exist after all, the primary key refuses the append and the command is re-run with a real
+/// load: the existing job is untouched.
+#[tokio::test]
+async fn a_fresh_id_that_exists_after_all_is_loaded_and_refused() {
+    use overfly_command_service::bus::{CommandBus, CommandContext, CommandError};
+    use overfly_domain::job::{JobCommand, JobError, JobServices, JobSpec};
+
+    let app = spawn_app().await;
+    let id: uuid::Uuid = app.submit(&job_body(1)).await.parse().unwrap();
+    let bus = CommandBus::new(app.pool.clone(), JobServices::default(), Default::default());
+    let mut spec: JobSpec = serde_json::from_value(job_body(2)).unwrap();
+    spec.name = "impostor".into();
+    let ctx = CommandContext {
+        actor: "test".into(),
+        correlation_id: "c".into(),
+        causation_id: None,
+        traceparent: None,
+    };
+    let command = JobCommand::SubmitJob {
+        job_id: id,
+        spec,
+        at: chrono::Utc::now(),
+    };
+    let error = bus.new_job(id, command, &ctx).await.unwrap_err();
+    assert!(
+        matches!(error, CommandError::Domain(JobError::AlreadySubmitted)),
+        "{error:?}"
+    );
+    let names: Vec<serde_json::Value> = sqlx::query_scalar(
+        "SELECT payload->'JobSubmitted'->'spec'->'name' FROM events WHERE aggregate_id = $1",
+    )
+    .bind(id.to_string())
+    .fetch_all(&app.pool)
+    .await
+    .unwrap();
+    assert_eq!(names, vec![serde_json::json!("tiles-eu-west-1")]);
+}
