@@ -319,9 +319,12 @@ impl CommandApi {
         body: Body<SubmitJob>,
         #[oai(name = "Idempotency-Key")] idempotency_key: Header<Option<String>>,
     ) -> Result<SubmitResponse, ApiError> {
-        let hash = idempotency::request_hash(
-            &serde_json::to_value(&body.0).map_err(|e| ApiError::internal(&e))?,
-        );
+        let hash = match &idempotency_key.0 {
+            Some(_) => idempotency::request_hash(
+                &serde_json::to_value(&body.0).map_err(|e| ApiError::internal(&e))?,
+            ),
+            None => String::new(),
+        };
         let spec = body.0.into_spec().map_err(ApiError::invalid)?;
         let ctx = context(req, spec.submitted_by.clone());
         let idempotency_key_given = idempotency_key.0.is_some();
