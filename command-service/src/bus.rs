@@ -12,6 +12,7 @@ use overfly_domain::executor::{Executor, ExecutorCommand, ExecutorError};
 use overfly_domain::job::{Job, JobCommand, JobError, JobServices};
 
 use crate::event_store::{CommandScope, EventRepository, SCOPE};
+use crate::group_commit::GroupAppender;
 
 type Framework<A> = CqrsFramework<A, PersistedEventStore<EventRepository, A>>;
 use sqlx::PgPool;
@@ -64,16 +65,21 @@ pub struct CommandBus {
 
 impl CommandBus {
     /// `committed` is notified after every commit, so an in-process relay publishes at once.
+    /// Starts the group committer's writers: call it inside a Tokio runtime.
     pub fn new(pool: PgPool, services: JobServices, committed: Arc<Notify>) -> Self {
+        let group = GroupAppender::start(pool.clone());
         Self {
             jobs: CqrsFramework::new(
-                PersistedEventStore::new_event_store(EventRepository::new(pool.clone())),
+                PersistedEventStore::new_event_store(EventRepository::new(
+                    pool.clone(),
+                    group.clone(),
+                )),
                 vec![],
                 services,
             ),
             executors: CqrsFramework::new(
                 PersistedEventStore::new_snapshot_store(
-                    EventRepository::new(pool.clone()),
+                    EventRepository::new(pool.clone(), group),
                     EXECUTOR_SNAPSHOT_EVERY,
                 ),
                 vec![],

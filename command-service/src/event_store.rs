@@ -1,11 +1,12 @@
 //! The event repository under cqrs-es: postgres-es for loading, snapshots and replays; plain
-//! appends (no snapshot due) as one `INSERT … SELECT FROM UNNEST … RETURNING` statement.
+//! appends (no snapshot due) as single `INSERT … RETURNING` statements.
 //!
 //! postgres-es appends with `BEGIN`, one `INSERT` per event and `COMMIT`, and returns nothing.
 //! A single statement is atomic on its own, costs one round trip, and returns the new
-//! events' global positions, which the command answers with (no query afterwards). Conflicts
-//! keep postgres-es's meaning: a duplicate `(aggregate_type, aggregate_id, sequence)` is an
-//! optimistic-lock error.
+//! events' global positions, which the command answers with (no query afterwards). A command
+//! that records one event (most do) goes through the group committer, which shares one
+//! statement among concurrent commands. Conflicts keep postgres-es's meaning: a duplicate
+//! `(aggregate_type, aggregate_id, sequence)` is an optimistic-lock error.
 
 use std::cell::Cell;
 
@@ -16,6 +17,8 @@ use cqrs_es::persist::{
 use postgres_es::PostgresEventRepository;
 use serde_json::Value;
 use sqlx::PgPool;
+
+use crate::group_commit::{GroupAppender, Outcome, Row};
 
 /// What the last append of the current command wrote: `(last sequence, its global position)`.
 pub type Appended = Option<(i64, i64)>;
@@ -37,13 +40,39 @@ tokio::task_local! {
 pub struct EventRepository {
     postgres_es: PostgresEventRepository,
     pool: PgPool,
+    group: GroupAppender,
 }
 
 impl EventRepository {
-    pub fn new(pool: PgPool) -> Self {
+    pub fn new(pool: PgPool, group: GroupAppender) -> Self {
         Self {
             postgres_es: PostgresEventRepository::new(pool.clone()),
             pool,
+            group,
+        }
+    }
+
+    async fn append_one<A: Aggregate>(
+        &self,
+        event: &SerializedEvent,
+    ) -> Result<(), PersistenceError> {
+        let sequence = event.sequence as i64;
+        let row = Row {
+            aggregate_type: A::TYPE,
+            aggregate_id: event.aggregate_id.clone(),
+            sequence,
+            event_type: event.event_type.clone(),
+            event_version: event.event_version.clone(),
+            payload: event.payload.clone(),
+            metadata: event.metadata.clone(),
+        };
+        match self.group.append(row).await {
+            Ok(Outcome::Appended(position)) => {
+                let _ = SCOPE.try_with(|scope| scope.appended.set(Some((sequence, position))));
+                Ok(())
+            }
+            Ok(Outcome::Conflict) => Err(PersistenceError::OptimisticLockError),
+            Err(message) => Err(PersistenceError::UnknownError(message.into())),
         }
     }
 
@@ -51,8 +80,10 @@ impl EventRepository {
         &self,
         events: &[SerializedEvent],
     ) -> Result<(), PersistenceError> {
-        let Some(first) = events.first() else {
-            return Ok(());
+        let first = match events {
+            [] => return Ok(()),
+            [only] => return self.append_one::<A>(only).await,
+            [first, ..] => first,
         };
         let mut sequences = Vec::with_capacity(events.len());
         let mut types = Vec::with_capacity(events.len());
@@ -66,15 +97,7 @@ impl EventRepository {
             payloads.push(&event.payload);
             metadata.push(&event.metadata);
         }
-        // Most commands record one event: a plain VALUES insert is the cheapest statement.
-        let statement = if events.len() == 1 {
-            "INSERT INTO events
-                    (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata)
-             VALUES ($1, $2, ($3::bigint[])[1], ($4::text[])[1], ($5::text[])[1],
-                     ($6::jsonb[])[1], ($7::jsonb[])[1])
-             RETURNING sequence, global_position"
-        } else {
-            "WITH appended AS (
+        let statement = "WITH appended AS (
                  INSERT INTO events
                         (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata)
                  SELECT $1, $2, e.sequence, e.event_type, e.event_version, e.payload, e.metadata
@@ -82,8 +105,7 @@ impl EventRepository {
                         AS e(sequence, event_type, event_version, payload, metadata)
                   ORDER BY e.sequence
                  RETURNING sequence, global_position)
-             SELECT sequence, global_position FROM appended ORDER BY sequence DESC LIMIT 1"
-        };
+             SELECT sequence, global_position FROM appended ORDER BY sequence DESC LIMIT 1";
         let last: (i64, i64) = sqlx::query_as(statement)
             .bind(A::TYPE)
             .bind(&first.aggregate_id)

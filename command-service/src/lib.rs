@@ -11,6 +11,7 @@ pub mod bus;
 pub mod cli;
 pub mod config;
 mod event_store;
+mod group_commit;
 pub mod idempotency;
 pub mod problem;
 pub mod relay;
