@@ -19,6 +19,8 @@ set -euo pipefail
 cd "$OVERFLY_ROOT"
 
 URL="${OVERFLY_COMMAND_URL%/}"
+QUERY_URL="${OVERFLY_QUERY_URL:-http://127.0.0.1:8081}"
+QUERY_URL="${QUERY_URL%/}"
 RUN="${OVERFLY_DEMO_RUN:-1}"
 READY_TIMEOUT_S="${OVERFLY_DEMO_READY_TIMEOUT:-60}"
 TARGET_DIR="${CARGO_TARGET_DIR:-$OVERFLY_ROOT/target}"
@@ -60,6 +62,7 @@ api() {
   HTTP_STATUS="${meta%% *}"
   HTTP_CTYPE="${meta#* }"
   HTTP_REPLAYED="$(tr -d '\r' <"$HEADERS_FILE" | sed -n 's/^[Ii]dempotent-[Rr]eplayed:[[:space:]]*//p' | tail -n 1)"
+  if [[ "$HTTP_STATUS" == 2?? ]]; then remember_position; fi
 }
 
 # Pretty-print a JSON body with jq when it is installed; raw otherwise.
@@ -71,6 +74,14 @@ show_body() {
   else
     printf '    %s\n' "$HTTP_BODY"
   fi
+}
+
+# Remember the newest "position" a command answered with: a query passing it as
+# min_position is guaranteed to see every write the demo made.
+remember_position() {
+  local position
+  position="$(sed -n 's/.*"position"[[:space:]]*:[[:space:]]*\([0-9]*\).*/\1/p' <<<"$HTTP_BODY" | head -n 1)"
+  if [ -n "$position" ] && [ "$position" -gt "${LAST_POSITION:-0}" ]; then LAST_POSITION="$position"; fi
 }
 
 # The "id" field of the last response body (no jq needed).
@@ -125,8 +136,8 @@ ready() {
 if [ "${OVERFLY_DEMO_BUILD:-1}" = 0 ]; then
   step "using the existing build (OVERFLY_DEMO_BUILD=0)"
 else
-  step "building the command service (release)"
-  cargo build --release -p overfly-command-service
+  step "building the services (release)"
+  cargo build --release -p overfly-command-service -p overfly-projector -p overfly-query-service
 fi
 [ -x "$BIN" ] || die "$BIN is missing (build it: cargo build --release -p overfly-command-service)"
 
@@ -177,6 +188,32 @@ until ready; do
   sleep 1
 done
 ok "ready ($URL/readyz = 200)"
+
+# start_background NAME ARGS...: runs target/release/overfly-NAME ARGS in the background
+# unless its pid file names a live process (pid and log in $OVERFLY_STATE_DIR).
+start_background() {
+  local name="$1" pid_file="$OVERFLY_STATE_DIR/$1.pid" log="$OVERFLY_STATE_DIR/$1.log" pid
+  shift
+  pid="$(cat "$pid_file" 2>/dev/null || true)"
+  if pid_runs "$pid" "overfly-$name"; then
+    ok "overfly-$name already running (pid $pid)"
+    return
+  fi
+  printf '\n--- %s: overfly-%s %s\n' "$(date -Is)" "$name" "$*" >>"$log"
+  NO_COLOR=1 setsid "$TARGET_DIR/release/overfly-$name" "$@" </dev/null >>"$log" 2>&1 &
+  echo "$!" >"$pid_file"
+  note "started overfly-$name (pid $!, log $log)"
+}
+
+step "read side: the jobs projection and the query service at $QUERY_URL"
+start_background projector run
+start_background query serve
+deadline=$((SECONDS + READY_TIMEOUT_S))
+until [ "$(curl -s -o /dev/null -w '%{http_code}' --max-time 2 "$QUERY_URL/readyz" 2>/dev/null)" = 200 ]; do
+  [ "$SECONDS" -lt "$deadline" ] || die "$QUERY_URL/readyz did not return 200 within ${READY_TIMEOUT_S}s (log: $OVERFLY_STATE_DIR/query.log)"
+  sleep 1
+done
+ok "ready ($QUERY_URL/readyz = 200)"
 
 # ------------------------------------------------------------------- jobs
 step "submitting jobs (Idempotency-Key: demo-*-$RUN)"
@@ -263,14 +300,27 @@ fi
 step "JetStream stream"
 "$BIN" stream-info || fail "overfly-command stream-info failed"
 
+step "read side: the newest jobs, as the projection sees them"
+query() { # PATH
+  local out
+  out="$(curl -sS --max-time 5 "$QUERY_URL$1" 2>&1)" || { fail "GET $1 failed: $out"; return; }
+  if have jq; then printf '%s\n' "$out" | jq . 2>/dev/null || printf '%s\n' "$out"; else printf '%s\n' "$out"; fi
+}
+query "/jobs?limit=3&with_total=true&min_position=${LAST_POSITION:-1}"
+if [ -n "${JOB[llm-eval]:-}" ]; then
+  step "audit: the history of llm-eval-mmlu (who, when, why, trace)"
+  query "/jobs/${JOB[llm-eval]}/history"
+fi
+
 say ""
 say "Where to look next:"
-say "  API docs (Swagger UI)  $URL/docs"
+say "  command API docs       $URL/docs"
+say "  query API docs         $QUERY_URL/docs   (GET /jobs, /jobs/{id}?as_of=…, /jobs/{id}/history)"
 say "  OpenAPI document       $URL/openapi.json"
 say "  service log            $LOG_FILE"
 say "  events                 psql \"$DATABASE_URL\" -c 'select * from events order by global_position desc limit 15'"
 say "  stream                 $BIN stream-info"
-say "  stop the service       make stop   (Postgres and NATS keep running)"
+say "  stop the services      make stop   (Postgres and NATS keep running)"
 
 if [ "$FAILED" -gt 0 ]; then
   die "$FAILED demo step(s) did not answer as expected (see warnings above)"

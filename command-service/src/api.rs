@@ -19,11 +19,12 @@ use overfly_domain::FieldError;
 use overfly_domain::executor::{ExecutorCommand, GpuInfo};
 use overfly_domain::job::{self, JobCommand, JobError, JobSpec, SchedulingDecision};
 
-use crate::body::Body;
+use overfly_domain::executor::ExecutorError;
+use overfly_http::trace::current_traceparent;
+use overfly_http::{ApiError, Body};
+
 use crate::bus::{CommandBus, CommandContext, CommandError, Recorded};
 use crate::idempotency::{self, Claim, ClaimError};
-use crate::problem::ApiError;
-use crate::trace::current_traceparent;
 
 #[derive(Tags)]
 enum Tag {
@@ -294,10 +295,40 @@ fn executor_actor(executor_id: &str) -> String {
     format!("executor:{executor_id}")
 }
 
-impl<E: std::error::Error + Into<ApiError>> From<CommandError<E>> for ApiError {
+fn invalid(error: FieldError) -> ApiError {
+    ApiError::invalid(error.field, error.message)
+}
+
+/// How a domain error reads over HTTP: unknown aggregate 404, bad field 422, the rest (a
+/// command that does not fit the current state) 409.
+trait IntoApiError {
+    fn into_api_error(self) -> ApiError;
+}
+
+impl IntoApiError for JobError {
+    fn into_api_error(self) -> ApiError {
+        match self {
+            JobError::NotFound => ApiError::not_found("job not found"),
+            JobError::Invalid(field) => invalid(field),
+            other => ApiError::conflict(other.to_string()),
+        }
+    }
+}
+
+impl IntoApiError for ExecutorError {
+    fn into_api_error(self) -> ApiError {
+        match self {
+            ExecutorError::NotFound => ApiError::not_found("executor not found"),
+            ExecutorError::Invalid(field) => invalid(field),
+            other => ApiError::conflict(other.to_string()),
+        }
+    }
+}
+
+impl<E: std::error::Error + IntoApiError> From<CommandError<E>> for ApiError {
     fn from(error: CommandError<E>) -> Self {
         match error {
-            CommandError::Domain(e) => e.into(),
+            CommandError::Domain(e) => e.into_api_error(),
             CommandError::Conflict(_) => ApiError::conflict(error.to_string()),
             CommandError::Store(_) => ApiError::internal(&error),
         }
@@ -325,7 +356,7 @@ impl CommandApi {
             ),
             None => String::new(),
         };
-        let spec = body.0.into_spec().map_err(ApiError::invalid)?;
+        let spec = body.0.into_spec().map_err(invalid)?;
         let ctx = context(req, spec.submitted_by.clone());
         let idempotency_key_given = idempotency_key.0.is_some();
         let claim = match idempotency_key.0 {
@@ -333,10 +364,8 @@ impl CommandApi {
             Some(key) => idempotency::claim(self.bus.pool(), &key, &hash, Uuid::new_v4())
                 .await
                 .map_err(|e| match e {
-                    ClaimError::Invalid(field) => ApiError::invalid(field),
-                    ClaimError::Mismatch => {
-                        ApiError::invalid(FieldError::new(idempotency::HEADER, e.to_string()))
-                    }
+                    ClaimError::Invalid(field) => invalid(field),
+                    ClaimError::Mismatch => ApiError::invalid(idempotency::HEADER, e),
                     ClaimError::Store(e) => ApiError::internal(&e),
                 })?,
         };
@@ -402,8 +431,8 @@ impl CommandApi {
             by,
             reason,
         } = body.0;
-        let priority = bounded("priority", priority, 0, job::MAX_PRIORITY.into())
-            .map_err(ApiError::invalid)?;
+        let priority =
+            bounded("priority", priority, 0, job::MAX_PRIORITY.into()).map_err(invalid)?;
         let ctx = context(req, by.clone());
         let command = JobCommand::ChangePriority {
             priority,
@@ -445,8 +474,9 @@ impl CommandApi {
         } = body.0;
         let decision: SchedulingDecision = match decision {
             None => SchedulingDecision::default(),
-            Some(value) => serde_json::from_value(value)
-                .map_err(|e| ApiError::invalid(FieldError::new("decision", e.to_string())))?,
+            Some(value) => {
+                serde_json::from_value(value).map_err(|e| ApiError::invalid("decision", e))?
+            }
         };
         let ctx = context(req, "scheduler");
         let command = JobCommand::AssignRun {
@@ -473,15 +503,18 @@ impl CommandApi {
         run_id: Path<String>,
         body: Body<RunReport>,
     ) -> Answer {
-        let executor_id = body.0.executor_id;
-        let ctx = context(req, executor_actor(&executor_id));
-        let command = JobCommand::ReportRunStarted {
-            run_id: uuid_param("run_id", &run_id)?,
-            executor_id,
-            at: Utc::now(),
-        };
-        self.job(uuid_param("job_id", &job_id)?, command, &ctx)
-            .await
+        self.report(
+            req,
+            &job_id,
+            &run_id,
+            body.0.executor_id,
+            |run_id, executor_id, at| JobCommand::ReportRunStarted {
+                run_id,
+                executor_id,
+                at,
+            },
+        )
+        .await
     }
 
     /// Progress and metrics of a running run.
@@ -503,19 +536,22 @@ impl CommandApi {
             progress,
             metrics,
         } = body.0;
-        let report_seq =
-            bounded("report_seq", report_seq, 0, i64::MAX).map_err(ApiError::invalid)?;
-        let ctx = context(req, executor_actor(&executor_id));
-        let command = JobCommand::ReportRunProgress {
-            run_id: uuid_param("run_id", &run_id)?,
+        let report_seq = bounded("report_seq", report_seq, 0, i64::MAX).map_err(invalid)?;
+        self.report(
+            req,
+            &job_id,
+            &run_id,
             executor_id,
-            report_seq,
-            progress,
-            metrics,
-            at: Utc::now(),
-        };
-        self.job(uuid_param("job_id", &job_id)?, command, &ctx)
-            .await
+            |run_id, executor_id, at| JobCommand::ReportRunProgress {
+                run_id,
+                executor_id,
+                report_seq,
+                progress,
+                metrics,
+                at,
+            },
+        )
+        .await
     }
 
     /// The run's process exited successfully.
@@ -531,15 +567,18 @@ impl CommandApi {
         run_id: Path<String>,
         body: Body<RunReport>,
     ) -> Answer {
-        let executor_id = body.0.executor_id;
-        let ctx = context(req, executor_actor(&executor_id));
-        let command = JobCommand::ReportRunSucceeded {
-            run_id: uuid_param("run_id", &run_id)?,
-            executor_id,
-            at: Utc::now(),
-        };
-        self.job(uuid_param("job_id", &job_id)?, command, &ctx)
-            .await
+        self.report(
+            req,
+            &job_id,
+            &run_id,
+            body.0.executor_id,
+            |run_id, executor_id, at| JobCommand::ReportRunSucceeded {
+                run_id,
+                executor_id,
+                at,
+            },
+        )
+        .await
     }
 
     /// The run failed; a retryable failure is retried with backoff while retries are left.
@@ -562,18 +601,22 @@ impl CommandApi {
             reason,
             retryable,
         } = body.0;
-        let ctx = context(req, executor_actor(&executor_id));
-        let command = JobCommand::ReportRunFailed {
-            run_id: uuid_param("run_id", &run_id)?,
+        self.report(
+            req,
+            &job_id,
+            &run_id,
             executor_id,
-            exit_code,
-            signal,
-            reason,
-            retryable,
-            at: Utc::now(),
-        };
-        self.job(uuid_param("job_id", &job_id)?, command, &ctx)
-            .await
+            |run_id, executor_id, at| JobCommand::ReportRunFailed {
+                run_id,
+                executor_id,
+                exit_code,
+                signal,
+                reason,
+                retryable,
+                at,
+            },
+        )
+        .await
     }
 
     /// The run exceeded its timeout and was killed.
@@ -589,15 +632,18 @@ impl CommandApi {
         run_id: Path<String>,
         body: Body<RunReport>,
     ) -> Answer {
-        let executor_id = body.0.executor_id;
-        let ctx = context(req, executor_actor(&executor_id));
-        let command = JobCommand::ReportRunTimedOut {
-            run_id: uuid_param("run_id", &run_id)?,
-            executor_id,
-            at: Utc::now(),
-        };
-        self.job(uuid_param("job_id", &job_id)?, command, &ctx)
-            .await
+        self.report(
+            req,
+            &job_id,
+            &run_id,
+            body.0.executor_id,
+            |run_id, executor_id, at| JobCommand::ReportRunTimedOut {
+                run_id,
+                executor_id,
+                at,
+            },
+        )
+        .await
     }
 
     /// Register (or re-register after a restart) an executor and its GPUs.
@@ -622,8 +668,8 @@ impl CommandApi {
                 })
             })
             .collect::<Result<Vec<_>, FieldError>>()
-            .map_err(ApiError::invalid)?;
-        let lease_s = bounded("lease_s", lease_s, 1, 3600).map_err(ApiError::invalid)?;
+            .map_err(invalid)?;
+        let lease_s = bounded("lease_s", lease_s, 1, 3600).map_err(invalid)?;
         let ctx = context(req, executor_actor(&executor_id));
         let command = ExecutorCommand::RegisterExecutor {
             executor_id: executor_id.clone(),
@@ -733,6 +779,22 @@ impl CommandApi {
 }
 
 impl CommandApi {
+    /// A run report: the reporting executor is the actor.
+    async fn report(
+        &self,
+        req: &Request,
+        job_id: &str,
+        run_id: &str,
+        executor_id: String,
+        command: impl FnOnce(Uuid, String, chrono::DateTime<Utc>) -> JobCommand,
+    ) -> Answer {
+        let job_id = uuid_param("job_id", job_id)?;
+        let run_id = uuid_param("run_id", run_id)?;
+        let ctx = context(req, executor_actor(&executor_id));
+        self.job(job_id, command(run_id, executor_id, Utc::now()), &ctx)
+            .await
+    }
+
     async fn job(&self, job_id: Uuid, command: JobCommand, ctx: &CommandContext) -> Answer {
         Ok(Json(self.bus.job(job_id, command, ctx).await?.into()))
     }

@@ -17,9 +17,7 @@ use tokio::sync::Notify;
 use crate::api::CommandApi;
 use crate::bus::CommandBus;
 use crate::config::Config;
-use crate::problem;
 use crate::relay::Relay;
-use crate::trace::span_per_request;
 
 pub struct Application {
     acceptor: TcpAcceptor,
@@ -117,8 +115,8 @@ impl Application {
             .at("/openapi.json", spec)
             .nest("/docs", docs)
             .nest("/", service)
-            .around(span_per_request)
-            .catch_all_error(problem::catch_all);
+            .around(overfly_http::trace::span_per_request)
+            .catch_all_error(overfly_http::problem::catch_all);
         tracing::info!(addr = %self.local_addr, "command API listening");
         let served = Server::new_with_acceptor(self.acceptor)
             .run_with_graceful_shutdown(route, shutdown, Some(Duration::from_secs(10)))

@@ -94,30 +94,44 @@ impl CommandBus {
         &self.pool
     }
 
-    #[tracing::instrument(skip_all, fields(job_id = %job_id, command = command.name()))]
     pub async fn job(
         &self,
         job_id: Uuid,
         command: JobCommand,
         ctx: &CommandContext,
     ) -> Result<Recorded, CommandError<JobError>> {
-        let name = command.name();
-        self.execute(&self.jobs, &job_id.to_string(), command, name, ctx, false)
-            .await
+        self.job_command(job_id, command, ctx, false).await
     }
 
     /// Like [`CommandBus::job`] for a job id generated for this very command (a submit
     /// without a replayed idempotency key): the empty aggregate is not loaded.
-    #[tracing::instrument(skip_all, fields(job_id = %job_id, command = command.name()))]
     pub async fn new_job(
         &self,
         job_id: Uuid,
         command: JobCommand,
         ctx: &CommandContext,
     ) -> Result<Recorded, CommandError<JobError>> {
+        self.job_command(job_id, command, ctx, true).await
+    }
+
+    #[tracing::instrument(skip_all, fields(job_id = %job_id, command = command.name()))]
+    async fn job_command(
+        &self,
+        job_id: Uuid,
+        command: JobCommand,
+        ctx: &CommandContext,
+        known_new: bool,
+    ) -> Result<Recorded, CommandError<JobError>> {
         let name = command.name();
-        self.execute(&self.jobs, &job_id.to_string(), command, name, ctx, true)
-            .await
+        self.execute(
+            &self.jobs,
+            &job_id.to_string(),
+            command,
+            name,
+            ctx,
+            known_new,
+        )
+        .await
     }
 
     #[tracing::instrument(skip_all, fields(executor_id = %executor_id, command = command.name()))]

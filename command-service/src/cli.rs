@@ -14,7 +14,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Serve => {
             tracing::info!(config = %config.describe(), "overfly-command serve");
             let app = Application::build(&config).await?;
-            app.run_until(shutdown_signal()).await
+            app.run_until(overfly_infra::shutdown::signal()).await
         }
         Command::Relay => {
             tracing::info!(config = %config.describe(), "overfly-command relay");
@@ -23,7 +23,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             let relay = Relay::new(pool, nats, config.relay.clone(), Default::default());
             tokio::select! {
                 () = relay.run() => Ok(()),
-                () = shutdown_signal() => Ok(()),
+                () = overfly_infra::shutdown::signal() => Ok(()),
             }
         }
         Command::Migrate => {
@@ -80,27 +80,4 @@ async fn stream_info(config: &Config) -> anyhow::Result<()> {
     );
     println!("events in Postgres  {events}");
     Ok(())
-}
-
-/// Completes on Ctrl-C or SIGTERM.
-pub async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    #[cfg(unix)]
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    #[cfg(not(unix))]
-    let terminate = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => {},
-        () = terminate => {},
-    }
-    tracing::info!("shutting down");
 }

@@ -6,13 +6,10 @@
 
 pub mod api;
 pub mod app;
-mod body;
 pub mod bus;
 pub mod cli;
 pub mod config;
 mod event_store;
 mod group_commit;
 pub mod idempotency;
-pub mod problem;
 pub mod relay;
-mod trace;

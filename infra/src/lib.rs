@@ -5,4 +5,5 @@
 
 pub mod db;
 pub mod nats;
+pub mod shutdown;
 pub mod telemetry;

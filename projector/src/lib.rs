@@ -1,5 +1,22 @@
-//! Overfly's projectors: JetStream consumers that build the read models in Postgres (jobs,
-//! executors and GPUs, GPU usage, leaderboards), and rebuild / backfill them from the event
-//! store.
+//! Overfly's projectors: JetStream consumers that build the read models in Postgres, and
+//! rebuilds of them from the event store.
 //!
-//! Not built yet (issue #3): this crate holds nothing that runs. It must never write events.
+//! Built so far (first slice of issue #3): the **jobs** projection (`read_jobs`, `read_runs`),
+//! its JetStream runner ([`runner::JobsProjection`]) and [`rebuild::rebuild_into`]. Still to
+//! come: executors & GPUs, GPU usage, leaderboards, `rebuild` with swap, `verify`.
+//!
+//! What it must not do: write events, or anything outside its read-model tables and
+//! `projection_checkpoints`. The events are the truth; every row here can be thrown away and
+//! rebuilt from them. It must never skip an event it cannot apply: that stops the projection
+//! with the reason in `projection_checkpoints.last_error`.
+#![forbid(unsafe_code)]
+
+pub mod config;
+pub mod error;
+pub mod jobs;
+pub mod rebuild;
+pub mod runner;
+
+pub use error::ProjectionError;
+pub use rebuild::rebuild_into;
+pub use runner::{JobsProjection, Outcome};

@@ -1,5 +1,13 @@
-//! Overfly's read API: OpenAPI query endpoints over the read models, audit history from the
-//! event store, and live SSE feeds.
+//! Overfly's read API: jobs and runs from the read models the projector keeps, with
+//! read-your-writes (`min_position`); the audit history of any job or executor and the state
+//! of a job at any past instant, straight from the event store.
 //!
-//! Not built yet (issues #3 and #5): this crate holds nothing that runs. It must never write
-//! events or read models.
+//! It never writes: not events, not read models.
+
+pub mod api;
+pub mod app;
+mod as_of;
+pub mod cli;
+pub mod config;
+pub mod history;
+pub mod jobs;

@@ -39,10 +39,10 @@ impl<T: Type + DeserializeOwned> ParsePayload for Body<T> {
     async fn from_request(request: &Request, body: &mut RequestBody) -> poem::Result<Self> {
         let data = <Vec<u8> as FromRequest>::from_request(request, body).await?;
         if data.len() > MAX_BODY_BYTES {
-            return Err(ApiError::invalid(overfly_domain::FieldError::new(
+            return Err(ApiError::invalid(
                 "body",
                 format!("must be at most {MAX_BODY_BYTES} bytes"),
-            ))
+            )
             .into());
         }
         let deserializer = &mut serde_json::Deserializer::from_slice(&data);
@@ -63,10 +63,7 @@ impl<T: Type + DeserializeOwned> ParsePayload for Body<T> {
                 } else {
                     path
                 };
-                Err(
-                    ApiError::invalid(overfly_domain::FieldError::new(field, inner.to_string()))
-                        .into(),
-                )
+                Err(ApiError::invalid(field, inner).into())
             }
         }
     }

@@ -1,16 +1,12 @@
-//! The one HTTP error type of the command API: RFC 9457 `application/problem+json` bodies.
-//! Domain errors map to 404/409/422, bad input names the offending field, and anything
-//! unexpected becomes a logged 500 that echoes nothing internal.
+//! The one HTTP error type of Overfly's APIs: RFC 9457 `application/problem+json` bodies.
+//! Bad input names the offending field, conflicts are 409, and anything unexpected becomes
+//! a logged 500 that echoes nothing internal. Each service maps its domain errors onto it.
 
 use poem::{IntoResponse, Response};
 use poem_openapi::payload::Payload;
 use poem_openapi::registry::{MetaSchemaRef, Registry};
 use poem_openapi::types::{ToJSON, Type};
 use poem_openapi::{ApiResponse, Object};
-
-use overfly_domain::FieldError;
-use overfly_domain::executor::ExecutorError;
-use overfly_domain::job::JobError;
 
 pub const PROBLEM_CONTENT_TYPE: &str = "application/problem+json";
 
@@ -75,9 +71,10 @@ pub enum ApiError {
     /// Something failed on our side; the details are in the server's logs.
     #[oai(status = 500)]
     Internal(ProblemJson),
-    /// A dependency (Postgres, NATS) is not reachable.
+    /// A dependency (Postgres, NATS) is not reachable, or a read model has not caught up yet;
+    /// `Retry-After` says when to try again when that is known.
     #[oai(status = 503)]
-    Unavailable(ProblemJson),
+    Unavailable(ProblemJson, #[oai(header = "Retry-After")] Option<u32>),
 }
 
 fn problem(
@@ -97,14 +94,16 @@ fn problem(
 }
 
 impl ApiError {
-    pub fn invalid(error: FieldError) -> Self {
-        let detail = error.to_string();
+    /// 422 naming `field` (a JSON path, header or parameter name).
+    pub fn invalid(field: impl Into<String>, message: impl std::fmt::Display) -> Self {
+        let field = field.into();
+        let detail = format!("{field}: {message}");
         Self::Unprocessable(problem(
             422,
             "invalid-field",
             "Invalid field",
             detail,
-            Some(error.field),
+            Some(field),
         ))
     }
 
@@ -133,13 +132,30 @@ impl ApiError {
     }
 
     pub fn unavailable(detail: impl Into<String>) -> Self {
-        Self::Unavailable(problem(
-            503,
-            "unavailable",
-            "Service unavailable",
-            detail.into(),
+        Self::Unavailable(
+            problem(
+                503,
+                "unavailable",
+                "Service unavailable",
+                detail.into(),
+                None,
+            ),
             None,
-        ))
+        )
+    }
+
+    /// 503 with `Retry-After: seconds`.
+    pub fn retry_after(detail: impl Into<String>, seconds: u32) -> Self {
+        Self::Unavailable(
+            problem(
+                503,
+                "not-caught-up",
+                "Not caught up yet",
+                detail.into(),
+                None,
+            ),
+            Some(seconds),
+        )
     }
 
     /// Logs the cause with an id and answers with that id only.
@@ -162,26 +178,6 @@ impl ApiError {
             .and_then(|s| s.canonical_reason())
             .unwrap_or("Error");
         problem(status, "http", title, detail, field)
-    }
-}
-
-impl From<JobError> for ApiError {
-    fn from(error: JobError) -> Self {
-        match error {
-            JobError::NotFound => Self::not_found("job not found"),
-            JobError::Invalid(field) => Self::invalid(field),
-            other => Self::conflict(other.to_string()),
-        }
-    }
-}
-
-impl From<ExecutorError> for ApiError {
-    fn from(error: ExecutorError) -> Self {
-        match error {
-            ExecutorError::NotFound => Self::not_found("executor not found"),
-            ExecutorError::Invalid(field) => Self::invalid(field),
-            other => Self::conflict(other.to_string()),
-        }
     }
 }
 

@@ -1,0 +1,123 @@
+//! Typed configuration: every setting is a flag and an environment variable (DESIGN.md's
+//! defaults), parsed once at start and printed with secrets redacted.
+
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "overfly-projector",
+    version,
+    about = "Overfly projector: keeps the read models from the event stream"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub config: Config,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Apply migrations, then run the jobs projection from JetStream (the default).
+    Run,
+    /// Build the jobs projection from the event store into SCHEMA (dropped and re-created
+    /// there), beside the live tables, and print how many events were applied.
+    RebuildInto {
+        /// Target schema, e.g. `rebuild_jobs`; never `public`.
+        schema: String,
+    },
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct Config {
+    /// Postgres connection URL.
+    #[arg(
+        long,
+        env = "DATABASE_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/overfly",
+        global = true
+    )]
+    pub database_url: String,
+    /// NATS server URL.
+    #[arg(
+        long,
+        env = "NATS_URL",
+        default_value = "nats://127.0.0.1:4222",
+        global = true
+    )]
+    pub nats_url: String,
+    /// JetStream stream holding the events.
+    #[arg(long, env = "OVERFLY_EVENTS_STREAM", default_value = overfly_schemas::subjects::EVENTS_STREAM, global = true)]
+    pub stream: String,
+    /// Messages applied per transaction.
+    #[arg(
+        long,
+        env = "OVERFLY_PROJECTOR_BATCH_SIZE",
+        default_value_t = 500,
+        global = true
+    )]
+    pub batch_size: usize,
+    /// Wait after finding no new message before fetching again.
+    #[arg(
+        long,
+        env = "OVERFLY_PROJECTOR_IDLE_MS",
+        default_value_t = 10,
+        global = true
+    )]
+    pub idle_ms: u64,
+}
+
+impl Config {
+    /// The effective configuration, secrets redacted, for the start-up log.
+    pub fn describe(&self) -> String {
+        format!(
+            "database_url={} nats_url={} stream={} batch_size={} idle_ms={} otlp_endpoint={}",
+            overfly_infra::db::redact_url(&self.database_url),
+            overfly_infra::db::redact_url(&self.nats_url),
+            self.stream,
+            self.batch_size,
+            self.idle_ms,
+            std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT").unwrap_or_else(|_| "unset".into()),
+        )
+    }
+
+    pub fn runner(&self) -> crate::runner::RunnerConfig {
+        crate::runner::RunnerConfig {
+            stream: self.stream.clone(),
+            batch_size: self.batch_size,
+            idle_wait: std::time::Duration::from_millis(self.idle_ms),
+        }
+    }
+}
+
+/// Runs the command line.
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    use anyhow::Context;
+    let config = cli.config;
+    println!("overfly-projector {}", config.describe());
+    tracing::info!(config = %config.describe(), "starting");
+    let pool =
+        overfly_infra::db::connect(&config.database_url, 4, std::time::Duration::from_secs(30))
+            .await?;
+    overfly_infra::db::migrate(&pool).await?;
+    match cli.command.unwrap_or(Command::Run) {
+        Command::Run => {
+            let nats = overfly_infra::nats::connect(&config.nats_url, "overfly-projector").await?;
+            let projection = crate::runner::JobsProjection::new(pool, nats, config.runner());
+            tokio::select! {
+                () = projection.run() => {}
+                result = tokio::signal::ctrl_c() => {
+                    result.context("waiting for Ctrl-C")?;
+                    tracing::info!("shutting down");
+                }
+            }
+        }
+        Command::RebuildInto { schema } => {
+            let applied = crate::rebuild::rebuild_into(&pool, &schema)
+                .await
+                .with_context(|| format!("rebuilding the jobs projection into {schema}"))?;
+            println!("rebuilt jobs projection into schema {schema}: {applied} events applied");
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,430 @@
+//! The jobs projection's runner: a durable JetStream pull consumer whose batches are applied in
+//! one Postgres transaction together with the checkpoint, then acked.
+//!
+//! - **Exactly-once effect.** Rows and checkpoint commit together. A message whose stream
+//!   sequence is at most the checkpoint's was applied before (crash between commit and ack):
+//!   it is acked without being applied. Per job, `version` guards again.
+//! - **Postgres is the truth, the consumer a cursor.** On start and after any error the
+//!   consumer is re-created at the checkpoint's stream sequence + 1 (all messages on first
+//!   start), so a crash never leaves messages to be redelivered out of order after newer ones
+//!   (JetStream redelivers unacked messages only after `ack_wait`, by which time later ones
+//!   may have been delivered).
+//! - **One runner at a time.** A session-level advisory lock, held on the connection the
+//!   batches are written on (as the relay does); other runners stand by (`Outcome::Idle`).
+//!   Two runners sharing the durable consumer would split its messages between them.
+//! - **Nothing is skipped.** An event that cannot be applied stops the projection: the events
+//!   before it in its batch are committed, it and everything after it are not, the error is
+//!   written to `projection_checkpoints.last_error`, and every later step fails the same way
+//!   until the projector is upgraded (or the stream repaired). A successful batch clears it.
+
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer};
+use futures::StreamExt;
+use overfly_schemas::EventEnvelope;
+use overfly_schemas::subjects::headers;
+use sqlx::{Connection, PgConnection, PgPool};
+
+use crate::error::ProjectionError;
+use crate::jobs::{self, Applied, EventMeta};
+
+/// The durable consumer's name.
+pub const CONSUMER: &str = "projector-jobs";
+/// Advisory lock key of the jobs projection's runner (one per database): "overfly-proj-jobs".
+const LEADER_LOCK: i64 = 0x6f76_6572_666c_7902;
+/// Only job events (a single filter subject: nats-server 2.9).
+pub const FILTER: &str = "overfly.events.job.>";
+
+/// What one step did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// This many messages were fetched, applied (or found applied before) and acked.
+    Processed(usize),
+    /// Nothing to do: no message waiting, no stream yet, or another runner holds the lock.
+    Idle,
+}
+
+#[derive(Debug, Clone)]
+pub struct RunnerConfig {
+    /// JetStream stream carrying the events.
+    pub stream: String,
+    /// Messages fetched and applied per transaction.
+    pub batch_size: usize,
+    /// How long `run` waits before fetching again after an idle step.
+    pub idle_wait: Duration,
+}
+
+impl Default for RunnerConfig {
+    fn default() -> Self {
+        Self {
+            stream: overfly_schemas::subjects::EVENTS_STREAM.to_string(),
+            batch_size: 500,
+            idle_wait: Duration::from_millis(10),
+        }
+    }
+}
+
+/// The jobs projection, fed from JetStream.
+pub struct JobsProjection {
+    pool: PgPool,
+    jetstream: jetstream::Context,
+    config: RunnerConfig,
+    /// `None` until positioned, and again after any error (re-positioned from the checkpoint).
+    consumer: Option<consumer::PullConsumer>,
+    /// The connection holding the projection's advisory lock (one runner at a time). Batches
+    /// are written on it, so losing the connection loses the lock and the batch together.
+    leader: Option<PgConnection>,
+    /// Logged once while another runner holds the lock.
+    standing_by: bool,
+    /// Fault injection for tests: fail the batch after this many applied events, inside the
+    /// transaction (which rolls back). Never set in production.
+    pub fail_after: Option<usize>,
+}
+
+/// The checkpoint row of a projection.
+#[derive(Debug, Clone, Default, PartialEq, Eq, sqlx::FromRow)]
+pub struct Checkpoint {
+    /// The relay cursor (commit order) of the last applied event, `xid8` as text.
+    pub tx_id: String,
+    pub position: i64,
+    pub stream_sequence: i64,
+    pub events_applied: i64,
+    pub last_error: Option<String>,
+}
+
+/// Reads the checkpoint of `projection` (through `search_path`), `None` before the first batch.
+pub async fn load_checkpoint(
+    conn: &mut PgConnection,
+    projection: &str,
+) -> Result<Option<Checkpoint>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT tx_id::text AS tx_id, position, stream_sequence, events_applied, last_error
+           FROM projection_checkpoints WHERE projection = $1",
+    )
+    .bind(projection)
+    .fetch_optional(conn)
+    .await
+}
+
+/// Stores where a batch ended, in the batch's transaction.
+pub(crate) async fn store_checkpoint(
+    conn: &mut PgConnection,
+    projection: &str,
+    last: &Last,
+    applied: usize,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO projection_checkpoints
+                (projection, tx_id, position, stream_sequence, events_applied, updated_at)
+         VALUES ($1, $2::text::xid8, $3, $4, $5, now())
+         ON CONFLICT (projection) DO UPDATE
+            SET tx_id = EXCLUDED.tx_id, position = EXCLUDED.position,
+                stream_sequence = EXCLUDED.stream_sequence,
+                events_applied = projection_checkpoints.events_applied + EXCLUDED.events_applied,
+                updated_at = now(), last_error = NULL",
+    )
+    .bind(projection)
+    .bind(&last.tx_id)
+    .bind(last.position)
+    .bind(last.stream_sequence)
+    .bind(i64::try_from(applied).unwrap_or(i64::MAX))
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// Where the last applied event of a batch sits.
+pub(crate) struct Last {
+    pub tx_id: String,
+    pub position: i64,
+    pub stream_sequence: i64,
+}
+
+impl JobsProjection {
+    pub fn new(pool: PgPool, nats: async_nats::Client, config: RunnerConfig) -> Self {
+        Self {
+            pool,
+            jetstream: jetstream::new(nats),
+            config,
+            consumer: None,
+            leader: None,
+            standing_by: false,
+            fail_after: None,
+        }
+    }
+
+    /// Fetches one batch (without waiting), applies it with the checkpoint in one transaction,
+    /// commits, then acks.
+    #[tracing::instrument(name = "projector.jobs.step", skip_all)]
+    pub async fn step(&mut self) -> Result<Outcome, ProjectionError> {
+        let result = self.try_step().await;
+        if let Err(error) = &result {
+            // Re-position from the checkpoint, on a fresh connection, before the next step.
+            self.consumer = None;
+            self.leader = None;
+            if error.is_poison() {
+                tracing::error!(error = %error, "jobs projection stopped");
+                if let Err(e) = record_error(&self.pool, &error.to_string()).await {
+                    tracing::warn!(error = %e, "could not record the projection's error");
+                }
+            }
+        }
+        result
+    }
+
+    /// Steps forever; after an error waits (100 ms doubling to 30 s) and steps again.
+    pub async fn run(mut self) {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            match self.step().await {
+                Ok(Outcome::Processed(_)) => backoff = Duration::from_millis(100),
+                Ok(Outcome::Idle) => {
+                    backoff = Duration::from_millis(100);
+                    tokio::time::sleep(self.config.idle_wait).await;
+                }
+                Err(error) => {
+                    tracing::warn!(error = %error, retry_in = ?backoff, "jobs projection step failed");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(30));
+                }
+            }
+        }
+    }
+
+    async fn try_step(&mut self) -> Result<Outcome, ProjectionError> {
+        let Some(consumer) = self.position().await? else {
+            return Ok(Outcome::Idle);
+        };
+        let mut batch = consumer
+            .fetch()
+            .max_messages(self.config.batch_size)
+            .expires(Duration::from_millis(500))
+            .messages()
+            .await
+            .map_err(ProjectionError::nats)?;
+        let mut messages = Vec::new();
+        while let Some(message) = batch.next().await {
+            messages.push(message.map_err(ProjectionError::nats)?);
+        }
+        if messages.is_empty() {
+            return Ok(Outcome::Idle);
+        }
+
+        match self.commit_batch(&messages).await {
+            Ok(applied) => {
+                ack(&messages).await?;
+                tracing::debug!(messages = messages.len(), applied, "batch applied");
+                Ok(Outcome::Processed(messages.len()))
+            }
+            Err((index, error)) if error.is_poison() && index > 0 => {
+                // Keep what came before the event that cannot be applied, so the checkpoint
+                // points right before it.
+                let before = &messages[..index];
+                self.commit_batch(before).await.map_err(|(_, e)| e)?;
+                ack(before).await?;
+                Err(error)
+            }
+            Err((_, error)) => Err(error),
+        }
+    }
+
+    /// Applies `messages` and stores the checkpoint in one transaction, and commits; the number
+    /// of events applied. On error nothing is committed, and the error comes with the index of
+    /// the message that caused it.
+    async fn commit_batch(
+        &mut self,
+        messages: &[jetstream::Message],
+    ) -> Result<usize, (usize, ProjectionError)> {
+        let at_start = |e: sqlx::Error| (0, ProjectionError::from(e));
+        let conn = self
+            .leader
+            .as_mut()
+            .ok_or_else(|| at_start(sqlx::Error::PoolClosed))?;
+        let mut tx = conn.begin().await.map_err(at_start)?;
+        let done = load_checkpoint(&mut tx, jobs::NAME)
+            .await
+            .map_err(at_start)?
+            .map_or(0, |c| c.stream_sequence);
+        let mut last = None;
+        let mut applied = 0;
+        for (index, message) in messages.iter().enumerate() {
+            let Some(next) = apply_message(&mut tx, message, done)
+                .await
+                .map_err(|e| (index, e))?
+            else {
+                continue;
+            };
+            if next.1 == Applied::Applied {
+                applied += 1;
+            }
+            last = Some(next.0);
+            if let Some(limit) = self.fail_after
+                && applied >= limit
+            {
+                return Err((index, ProjectionError::Injected(applied)));
+            }
+        }
+        let at_end = |e: sqlx::Error| (messages.len(), ProjectionError::from(e));
+        if let Some(last) = &last {
+            store_checkpoint(&mut tx, jobs::NAME, last, applied)
+                .await
+                .map_err(at_end)?;
+        }
+        tx.commit().await.map_err(at_end)?;
+        Ok(applied)
+    }
+
+    /// The consumer, (re-)created at the checkpoint if needed; `None` while there is no stream.
+    async fn position(&mut self) -> Result<Option<consumer::PullConsumer>, ProjectionError> {
+        if let Some(consumer) = &self.consumer {
+            return Ok(Some(consumer.clone()));
+        }
+        if self.leader.is_none() {
+            let mut conn = self.pool.acquire().await?.detach();
+            let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
+                .bind(LEADER_LOCK)
+                .fetch_one(&mut conn)
+                .await?;
+            if !locked {
+                if !self.standing_by {
+                    tracing::info!("another runner holds the jobs projection; standing by");
+                    self.standing_by = true;
+                }
+                return Ok(None);
+            }
+            self.standing_by = false;
+            self.leader = Some(conn);
+        }
+        let stream = match self.jetstream.get_stream(&self.config.stream).await {
+            Ok(stream) => stream,
+            Err(e)
+                if matches!(e.kind(), jetstream::context::GetStreamErrorKind::JetStream(js)
+                if js.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND) =>
+            {
+                tracing::debug!(stream = %self.config.stream, "no event stream yet");
+                return Ok(None);
+            }
+            Err(e) => return Err(ProjectionError::nats(e)),
+        };
+        let conn = self.leader.as_mut().expect("the lock was taken above");
+        let done = load_checkpoint(conn, jobs::NAME)
+            .await?
+            .map_or(0, |c| c.stream_sequence);
+        let deliver_policy = if done == 0 {
+            consumer::DeliverPolicy::All
+        } else {
+            consumer::DeliverPolicy::ByStartSequence {
+                start_sequence: u64::try_from(done).unwrap_or(0) + 1,
+            }
+        };
+        match stream.delete_consumer(CONSUMER).await {
+            Ok(_) => {}
+            Err(e)
+                if matches!(e.kind(), jetstream::stream::ConsumerErrorKind::JetStream(js)
+                if js.error_code() == jetstream::ErrorCode::CONSUMER_NOT_FOUND) => {}
+            Err(e) => return Err(ProjectionError::nats(e)),
+        }
+        let consumer = stream
+            .create_consumer(consumer::pull::Config {
+                durable_name: Some(CONSUMER.to_string()),
+                description: Some("jobs projection (overfly-projector)".to_string()),
+                deliver_policy,
+                ack_policy: consumer::AckPolicy::Explicit,
+                ack_wait: Duration::from_secs(30),
+                filter_subject: FILTER.to_string(),
+                ..Default::default()
+            })
+            .await
+            .map_err(ProjectionError::nats)?;
+        tracing::info!(
+            consumer = CONSUMER,
+            from_stream_sequence = done + 1,
+            "consumer positioned"
+        );
+        self.consumer = Some(consumer.clone());
+        Ok(Some(consumer))
+    }
+}
+
+/// Applies one message unless its stream sequence is at most `done` (applied before: `None`).
+async fn apply_message(
+    conn: &mut PgConnection,
+    message: &jetstream::Message,
+    done: i64,
+) -> Result<Option<(Last, Applied)>, ProjectionError> {
+    let info = message.info().map_err(ProjectionError::nats)?;
+    let stream_sequence = i64::try_from(info.stream_sequence).unwrap_or(i64::MAX);
+    if stream_sequence <= done {
+        return Ok(None);
+    }
+    let envelope: EventEnvelope =
+        serde_json::from_slice(&message.payload).map_err(|e| ProjectionError::Malformed {
+            event_type: "envelope".into(),
+            reason: format!("stream message {stream_sequence}: {e}"),
+        })?;
+    let tx_id = message
+        .headers
+        .as_ref()
+        .and_then(|h| h.get(headers::TX))
+        .map(|v| v.as_str().to_string())
+        .filter(|v| v.parse::<u64>().is_ok())
+        .ok_or_else(|| ProjectionError::Malformed {
+            event_type: envelope.event_type.clone(),
+            reason: format!(
+                "stream message {stream_sequence} has no valid {} header",
+                headers::TX
+            ),
+        })?;
+    let applied = apply_envelope(conn, &envelope).await?;
+    let last = Last {
+        tx_id,
+        position: envelope.position,
+        stream_sequence,
+    };
+    Ok(Some((last, applied)))
+}
+
+async fn ack(messages: &[jetstream::Message]) -> Result<(), ProjectionError> {
+    for message in messages {
+        message.ack().await.map_err(ProjectionError::nats)?;
+    }
+    Ok(())
+}
+
+/// Decodes (upcasting old versions) and applies one envelope.
+pub async fn apply_envelope(
+    conn: &mut PgConnection,
+    envelope: &EventEnvelope,
+) -> Result<Applied, ProjectionError> {
+    if envelope.aggregate_type != "job" {
+        return Err(ProjectionError::Malformed {
+            event_type: envelope.event_type.clone(),
+            reason: format!("aggregate type {} is not job", envelope.aggregate_type),
+        });
+    }
+    let event = jobs::decode(
+        &envelope.event_type,
+        &envelope.event_version,
+        &envelope.payload,
+    )?;
+    let meta = EventMeta {
+        aggregate_id: envelope.aggregate_id.clone(),
+        sequence: envelope.sequence,
+        position: envelope.position,
+        recorded_at: envelope.recorded_at,
+    };
+    jobs::apply(conn, &meta, &event).await
+}
+
+/// Writes why the projection stopped (outside the rolled-back batch).
+async fn record_error(pool: &PgPool, error: &str) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO projection_checkpoints (projection, last_error) VALUES ($1, $2)
+         ON CONFLICT (projection) DO UPDATE SET last_error = EXCLUDED.last_error, updated_at = now()",
+    )
+    .bind(jobs::NAME)
+    .bind(error)
+    .execute(pool)
+    .await?;
+    Ok(())
+}

@@ -1,0 +1,278 @@
+//! The read API (poem-openapi).
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use poem_openapi::param::{Path, Query};
+use poem_openapi::payload::Json;
+use poem_openapi::{Object, OpenApi, Tags};
+use sqlx::PgPool;
+use uuid::Uuid;
+
+use overfly_http::ApiError;
+
+use crate::as_of;
+use crate::history::{self, HistoryEvent};
+use crate::jobs::{self, Cursor, Filter, JobDetail, JobSummary};
+
+#[derive(Tags)]
+enum Tag {
+    /// Jobs and their runs, from the read models.
+    Jobs,
+    /// The event store's history of any job or executor.
+    Audit,
+    /// Liveness and readiness.
+    Health,
+}
+
+/// One page of jobs.
+#[derive(Debug, Clone, Object)]
+pub struct JobPage {
+    pub items: Vec<JobSummary>,
+    /// Pass as `cursor` to get the next page; absent on the last page.
+    pub next_cursor: Option<String>,
+    /// Jobs matching the filters (only with `with_total=true`).
+    pub total: Option<i64>,
+}
+
+#[derive(Debug, Clone, Object)]
+pub struct Health {
+    pub status: String,
+}
+
+pub struct QueryApi {
+    pub pool: PgPool,
+    /// How long `min_position` waits for the projection.
+    pub read_your_writes_wait: Duration,
+}
+
+fn bad(param: &str, detail: impl Into<String>) -> ApiError {
+    ApiError::bad_request(detail, Some(param.to_string()))
+}
+
+fn uuid_param(name: &str, value: &str) -> Result<Uuid, ApiError> {
+    value
+        .parse()
+        .map_err(|_| bad(name, format!("{name} must be a UUID, got {value:?}")))
+}
+
+fn store_error(error: sqlx::Error) -> ApiError {
+    ApiError::internal(&error)
+}
+
+#[OpenApi]
+impl QueryApi {
+    /// List jobs, newest first (or `sort=oldest`), filtered, one page at a time.
+    ///
+    /// Pages are stable under concurrent submissions: follow `next_cursor` and every job
+    /// appears once.
+    #[oai(path = "/jobs", method = "get", tag = "Tag::Jobs")]
+    #[allow(clippy::too_many_arguments)]
+    async fn list_jobs(
+        &self,
+        /// queued, assigned, running, succeeded, failed or cancelled.
+        state: Query<Option<String>>,
+        account: Query<Option<String>>,
+        submitted_by: Query<Option<String>>,
+        /// `key=value`, e.g. `benchmark=tiles-v1`.
+        label: Query<Option<String>>,
+        created_after: Query<Option<DateTime<Utc>>>,
+        created_before: Query<Option<DateTime<Utc>>>,
+        /// `newest` (default) or `oldest`.
+        sort: Query<Option<String>>,
+        /// 1 to 500 (default 50).
+        limit: Query<Option<i64>>,
+        cursor: Query<Option<String>>,
+        /// Also count all matching jobs.
+        with_total: Query<Option<bool>>,
+        /// Wait until the read model includes the event at this global position (the
+        /// `position` a command answered with).
+        min_position: Query<Option<i64>>,
+    ) -> Result<Json<JobPage>, ApiError> {
+        if let Some(state) = &state.0
+            && !jobs::STATES.contains(&state.as_str())
+        {
+            return Err(bad(
+                "state",
+                format!("unknown state {state:?}; one of {:?}", jobs::STATES),
+            ));
+        }
+        let label = match label.0 {
+            None => None,
+            Some(text) => match text.split_once('=') {
+                Some((key, value)) if !key.is_empty() => Some((key.to_string(), value.to_string())),
+                _ => return Err(bad("label", "expected key=value")),
+            },
+        };
+        let oldest_first = match sort.0.as_deref() {
+            None | Some("newest") => false,
+            Some("oldest") => true,
+            Some(other) => {
+                return Err(bad(
+                    "sort",
+                    format!("expected newest or oldest, got {other:?}"),
+                ));
+            }
+        };
+        let limit = limit.0.unwrap_or(50);
+        if !(1..=jobs::MAX_LIMIT).contains(&limit) {
+            return Err(bad(
+                "limit",
+                format!("must be between 1 and {}", jobs::MAX_LIMIT),
+            ));
+        }
+        let after = match cursor.0 {
+            None => None,
+            Some(text) => Some(
+                Cursor::decode(&text)
+                    .ok_or_else(|| bad("cursor", "not a cursor this API issued"))?,
+            ),
+        };
+        self.wait_for(min_position.0).await?;
+        let filter = Filter {
+            state: state.0,
+            account: account.0,
+            submitted_by: submitted_by.0,
+            label,
+            created_after: created_after.0,
+            created_before: created_before.0,
+            oldest_first,
+        };
+        let page = jobs::list(&self.pool, &filter, after, limit)
+            .await
+            .map_err(store_error)?;
+        let total = if with_total.0.unwrap_or(false) {
+            Some(
+                jobs::count(&self.pool, &filter)
+                    .await
+                    .map_err(store_error)?,
+            )
+        } else {
+            None
+        };
+        Ok(Json(JobPage {
+            items: page.items,
+            next_cursor: page.next_cursor.map(|c| c.encode()),
+            total,
+        }))
+    }
+
+    /// One job with its spec and every run; with `as_of`, as it was at that instant.
+    ///
+    /// `as_of` rebuilds the job from its events recorded up to that instant with the very
+    /// projection code that keeps the live read model, so both answers have one meaning.
+    #[oai(path = "/jobs/:job_id", method = "get", tag = "Tag::Jobs")]
+    async fn get_job(
+        &self,
+        job_id: Path<String>,
+        /// An RFC 3339 instant: the job as it was then, rebuilt from the event store.
+        as_of: Query<Option<DateTime<Utc>>>,
+        /// Wait until the read model includes the event at this global position.
+        min_position: Query<Option<i64>>,
+    ) -> Result<Json<JobDetail>, ApiError> {
+        let job_id = uuid_param("job_id", &job_id)?;
+        let detail = match as_of.0 {
+            Some(instant) => as_of::job(&self.pool, job_id, instant).await?,
+            None => {
+                self.wait_for(min_position.0).await?;
+                let mut conn = self.pool.acquire().await.map_err(store_error)?;
+                jobs::get(&mut conn, job_id).await.map_err(store_error)?
+            }
+        };
+        detail
+            .map(Json)
+            .ok_or_else(|| ApiError::not_found(format!("job {job_id} not found")))
+    }
+
+    /// Every event of a job, in order, with who, when, why and its trace.
+    #[oai(path = "/jobs/:job_id/history", method = "get", tag = "Tag::Audit")]
+    async fn job_history(&self, job_id: Path<String>) -> Result<Json<Vec<HistoryEvent>>, ApiError> {
+        let job_id = uuid_param("job_id", &job_id)?;
+        self.history("job", &job_id.to_string()).await
+    }
+
+    /// Every event of an executor, in order, with who, when, why and its trace.
+    #[oai(
+        path = "/executors/:executor_id/history",
+        method = "get",
+        tag = "Tag::Audit"
+    )]
+    async fn executor_history(
+        &self,
+        executor_id: Path<String>,
+    ) -> Result<Json<Vec<HistoryEvent>>, ApiError> {
+        self.history("executor", &executor_id).await
+    }
+
+    /// Liveness: the process answers.
+    #[oai(path = "/healthz", method = "get", tag = "Tag::Health")]
+    async fn healthz(&self) -> Json<Health> {
+        Json(Health {
+            status: "ok".into(),
+        })
+    }
+
+    /// Readiness: Postgres is reachable.
+    #[oai(path = "/readyz", method = "get", tag = "Tag::Health")]
+    async fn readyz(&self) -> Result<Json<Health>, ApiError> {
+        let ping = tokio::time::timeout(
+            Duration::from_secs(2),
+            sqlx::query("SELECT 1").execute(&self.pool),
+        )
+        .await;
+        if !matches!(ping, Ok(Ok(_))) {
+            return Err(ApiError::unavailable("Postgres is not reachable"));
+        }
+        Ok(Json(Health {
+            status: "ready".into(),
+        }))
+    }
+}
+
+impl QueryApi {
+    async fn history(
+        &self,
+        aggregate_type: &str,
+        id: &str,
+    ) -> Result<Json<Vec<HistoryEvent>>, ApiError> {
+        let events = history::of(&self.pool, aggregate_type, id, None)
+            .await
+            .map_err(store_error)?;
+        if events.is_empty() {
+            return Err(ApiError::not_found(format!(
+                "{aggregate_type} {id} not found"
+            )));
+        }
+        Ok(Json(events))
+    }
+
+    /// Read-your-writes: waits, up to the configured bound, until the jobs projection has
+    /// applied the event at `position`; else 503 with `Retry-After`.
+    async fn wait_for(&self, position: Option<i64>) -> Result<(), ApiError> {
+        let Some(position) = position else {
+            return Ok(());
+        };
+        if position < 1 {
+            return Err(bad(
+                "min_position",
+                "must be a position a command returned (≥ 1)",
+            ));
+        }
+        let deadline = tokio::time::Instant::now() + self.read_your_writes_wait;
+        loop {
+            if jobs::applied(&self.pool, position)
+                .await
+                .map_err(store_error)?
+            {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(ApiError::retry_after(
+                    format!("the read model has not applied position {position} yet"),
+                    1,
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+}

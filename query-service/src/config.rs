@@ -1,0 +1,80 @@
+//! Typed configuration: flags and environment variables (DESIGN.md's defaults).
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "overfly-query",
+    version,
+    about = "Overfly query service: read API"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub config: Config,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve the read API (the default).
+    Serve,
+    /// Print the OpenAPI document of the read API.
+    Openapi,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct Config {
+    /// Postgres connection URL.
+    #[arg(
+        long,
+        env = "DATABASE_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/overfly",
+        global = true
+    )]
+    pub database_url: String,
+    /// Address the HTTP API listens on (port 0 picks a free port).
+    #[arg(
+        long,
+        env = "OVERFLY_QUERY_ADDR",
+        default_value = "127.0.0.1:8081",
+        global = true
+    )]
+    pub addr: SocketAddr,
+    /// Postgres connections in the pool.
+    #[arg(
+        long,
+        env = "OVERFLY_DB_POOL_SIZE",
+        default_value_t = 16,
+        global = true
+    )]
+    pub db_pool_size: u32,
+    /// How long a query with `min_position` waits for the projection before answering 503.
+    #[arg(
+        long,
+        env = "OVERFLY_READ_YOUR_WRITES_WAIT_MS",
+        default_value_t = 2000,
+        global = true
+    )]
+    pub read_your_writes_wait_ms: u64,
+}
+
+impl Config {
+    pub fn read_your_writes_wait(&self) -> Duration {
+        Duration::from_millis(self.read_your_writes_wait_ms)
+    }
+
+    pub fn describe(&self) -> String {
+        format!(
+            "database_url={} addr={} db_pool_size={} read_your_writes_wait_ms={} otlp_endpoint={}",
+            overfly_infra::db::redact_url(&self.database_url),
+            self.addr,
+            self.db_pool_size,
+            self.read_your_writes_wait_ms,
+            std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT").unwrap_or_else(|_| "unset".into()),
+        )
+    }
+}
