@@ -72,7 +72,7 @@ async fn stream_info(config: &Config) -> anyhow::Result<()> {
     let mut conn = pool.acquire().await?;
     let position = relay::load_position(&mut conn, &config.relay.stream).await?;
     let events: i64 = sqlx::query_scalar("SELECT count(*) FROM events")
-        .fetch_one(&pool)
+        .fetch_one(&mut *conn)
         .await?;
     println!(
         "relay position  tx={} global_position={}",

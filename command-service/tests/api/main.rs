@@ -1,5 +1,6 @@
 //! Integration tests of the write side against a real Postgres and a real nats-server.
 
+mod cli;
 mod concurrency;
 mod delivery;
 mod executors;
