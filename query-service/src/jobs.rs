@@ -233,14 +233,23 @@ pub async fn count(pool: &PgPool, filter: &Filter) -> sqlx::Result<i64> {
     query.build_query_scalar().fetch_one(pool).await
 }
 
-/// Whether the jobs projection has applied the event at global position `position`: its
-/// checkpoint is at or past that event in commit order.
+/// Whether the jobs read model reflects the event at global position `position`: no job
+/// event between the projection's checkpoint and that event (in commit order) is left to
+/// apply. The position may be any event's (an executor command's too); an unknown position
+/// is not reflected yet.
 pub async fn applied(pool: &PgPool, position: i64) -> sqlx::Result<bool> {
     sqlx::query_scalar(
-        "SELECT EXISTS (
-            SELECT 1 FROM events e, projection_checkpoints c
-             WHERE e.global_position = $1 AND c.projection = 'jobs'
-               AND (c.tx_id, c.position) >= (e.tx_id, e.global_position))",
+        "SELECT EXISTS (SELECT 1 FROM events WHERE global_position = $1)
+            AND NOT EXISTS (
+                SELECT 1
+                  FROM events target
+                  LEFT JOIN projection_checkpoints c ON c.projection = 'jobs'
+                  JOIN events e
+                    ON e.aggregate_type = 'job'
+                   AND (e.tx_id, e.global_position) <= (target.tx_id, target.global_position)
+                   AND (e.tx_id, e.global_position)
+                       > (COALESCE(c.tx_id, '0'::xid8), COALESCE(c.position, 0))
+                 WHERE target.global_position = $1)",
     )
     .bind(position)
     .fetch_one(pool)

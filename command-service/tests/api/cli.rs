@@ -10,7 +10,12 @@ async fn stream_info_reports_the_stream_and_the_relay_position() {
     for n in 0..3 {
         app.submit(&job_body(n)).await;
     }
-    assert_eq!(stream_events(&app.nats.url(), 3, Duration::from_secs(10)).await.len(), 3);
+    assert_eq!(
+        stream_events(&app.nats.url(), 3, Duration::from_secs(10))
+            .await
+            .len(),
+        3
+    );
     // The relay stores its position when it catches up.
     tokio::time::sleep(Duration::from_millis(300)).await;
     let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_overfly-command"))
@@ -22,12 +27,19 @@ async fn stream_info_reports_the_stream_and_the_relay_position() {
         .await
         .unwrap();
     let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(output.status.success(), "{stdout}{}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        output.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     assert!(stdout.contains("messages   3"), "{stdout}");
     assert!(stdout.contains("events in Postgres  3"), "{stdout}");
     let position: i64 = sqlx::query_scalar("SELECT max(global_position) FROM events")
         .fetch_one(&app.pool)
         .await
         .unwrap();
-    assert!(stdout.contains(&format!("global_position={position}")), "{stdout}");
+    assert!(
+        stdout.contains(&format!("global_position={position}")),
+        "{stdout}"
+    );
 }

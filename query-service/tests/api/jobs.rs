@@ -240,3 +240,25 @@ async fn bad_filters_are_400_problems_naming_the_parameter() {
         }
     }
 }
+
+/// A position returned by a command on another aggregate (an executor) is reached as soon
+/// as every job event before it is applied, though the jobs projection never applies it.
+#[tokio::test]
+async fn a_position_of_another_aggregate_is_reached_when_the_jobs_before_it_are() {
+    let stack = spawn_stack().await;
+    let (id, _) = stack.submit(&job_body(1)).await;
+    let gpu = json!({"uuid": "GPU-a", "index": 0, "name": "NVIDIA H100 80GB HBM3", "memory_mb": 81559, "compute_capability": "9.0"});
+    let (status, registered) = stack
+        .command(
+            "/executors",
+            &json!({"executor_id": "h1", "hostname": "h1", "gpus": [gpu], "lease_s": 30}),
+        )
+        .await;
+    assert_eq!(status, 200);
+    let position = registered["position"].as_i64().unwrap();
+    let (status, _, job) = stack
+        .query(&format!("/jobs/{id}?min_position={position}"))
+        .await;
+    assert_eq!(status, 200, "{job}");
+    assert_eq!(job["state"], "queued");
+}
