@@ -70,7 +70,7 @@ impl Application {
         let committed = Arc::new(Notify::new());
         let bus = Arc::new(CommandBus::new(
             pool.clone(),
-            JobServices::default(),
+            config.job_services(),
             committed.clone(),
         ));
         let relay = config

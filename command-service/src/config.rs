@@ -70,6 +70,22 @@ pub struct Config {
     /// Run the relay inside `serve` (only one relay publishes at a time anyway).
     #[arg(long, env = "OVERFLY_RELAY_ENABLED", default_value_t = true, action = clap::ArgAction::Set, global = true)]
     pub relay_enabled: bool,
+    /// Backoff before the first automatic retry of a failed run; doubles per failure.
+    #[arg(
+        long,
+        env = "OVERFLY_RETRY_BASE_S",
+        default_value_t = 10,
+        global = true
+    )]
+    pub retry_base_s: u64,
+    /// Longest backoff between automatic retries.
+    #[arg(
+        long,
+        env = "OVERFLY_RETRY_MAX_S",
+        default_value_t = 600,
+        global = true
+    )]
+    pub retry_max_s: u64,
     #[command(flatten)]
     pub relay: RelayConfig,
 }
@@ -125,15 +141,26 @@ impl RelayConfig {
 }
 
 impl Config {
+    pub fn job_services(&self) -> overfly_domain::job::JobServices {
+        overfly_domain::job::JobServices {
+            retry: overfly_domain::job::RetryPolicy {
+                base_backoff_s: self.retry_base_s,
+                max_backoff_s: self.retry_max_s,
+            },
+        }
+    }
+
     /// The effective configuration, secrets redacted, for the start-up log.
     pub fn describe(&self) -> String {
         format!(
-            "database_url={} nats_url={} addr={} db_pool_size={} relay_enabled={} relay_batch_size={} relay_poll_ms={} relay_linger_ms={} relay_stream={} otlp_endpoint={}",
+            "database_url={} nats_url={} addr={} db_pool_size={} relay_enabled={} retry_base_s={} retry_max_s={} relay_batch_size={} relay_poll_ms={} relay_linger_ms={} relay_stream={} otlp_endpoint={}",
             overfly_infra::db::redact_url(&self.database_url),
             overfly_infra::db::redact_url(&self.nats_url),
             self.addr,
             self.db_pool_size,
             self.relay_enabled,
+            self.retry_base_s,
+            self.retry_max_s,
             self.relay.batch_size,
             self.relay.poll_ms,
             self.relay.linger_ms,

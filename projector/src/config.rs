@@ -26,6 +26,19 @@ pub enum Command {
         /// Target schema, e.g. `rebuild_jobs`; never `public`.
         schema: String,
     },
+    /// Rebuild the jobs projection from event 0 into a shadow schema, diff it against the live
+    /// tables (at the live checkpoint) and print every difference; exits non-zero on drift.
+    Verify,
+    /// Rebuild the jobs projection from event 0 beside the live one (which keeps serving),
+    /// catch up, then swap it in atomically; logs progress and prints a summary.
+    Rebuild {
+        /// Shadow schema to build in (dropped at the end); never `public`.
+        #[arg(long, default_value = "rebuild_jobs")]
+        schema: String,
+        /// Events read from the store and applied per transaction.
+        #[arg(long, default_value_t = crate::rebuild::BATCH)]
+        events_per_batch: i64,
+    },
 }
 
 #[derive(Debug, Clone, Args)]
@@ -118,6 +131,55 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 .with_context(|| format!("rebuilding the jobs projection into {schema}"))?;
             println!("rebuilt jobs projection into schema {schema}: {applied} events applied");
         }
+        Command::Verify => {
+            let report = crate::verify::verify(&pool)
+                .await
+                .context("verifying the jobs projection")?;
+            print!("{report}");
+            if !report.is_clean() {
+                anyhow::bail!(
+                    "the jobs projection drifted from the events: {} differences",
+                    report.differences.len()
+                );
+            }
+        }
+        Command::Rebuild {
+            schema,
+            events_per_batch,
+        } => {
+            let options = crate::swap::RebuildOptions {
+                schema,
+                batch_size: events_per_batch,
+                ..Default::default()
+            };
+            let summary = crate::swap::rebuild(&pool, &options)
+                .await
+                .context("rebuilding the jobs projection")?;
+            println!("{summary}");
+        }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::{CommandFactory, Parser};
+
+    use super::{Cli, Command};
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        Cli::command().debug_assert();
+        let cli = Cli::parse_from(["overfly-projector", "rebuild", "--events-per-batch", "10"]);
+        assert!(matches!(
+            cli.command,
+            Some(Command::Rebuild {
+                events_per_batch: 10,
+                ..
+            })
+        ));
+        assert_eq!(cli.config.batch_size, 500);
+        let cli = Cli::parse_from(["overfly-projector", "verify"]);
+        assert!(matches!(cli.command, Some(Command::Verify)));
+    }
 }

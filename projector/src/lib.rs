@@ -2,8 +2,10 @@
 //! rebuilds of them from the event store.
 //!
 //! Built so far (first slice of issue #3): the **jobs** projection (`read_jobs`, `read_runs`),
-//! its JetStream runner ([`runner::JobsProjection`]) and [`rebuild::rebuild_into`]. Still to
-//! come: executors & GPUs, GPU usage, leaderboards, `rebuild` with swap, `verify`.
+//! its JetStream runner ([`runner::JobsProjection`]), [`rebuild::rebuild_into`] (a shadow copy
+//! from the event store), [`verify::verify`] (diff a rebuild against live) and
+//! [`swap::rebuild`] (rebuild beside live, catch up, swap in atomically). Still to come:
+//! executors & GPUs, GPU usage, leaderboards.
 //!
 //! What it must not do: write events, or anything outside its read-model tables and
 //! `projection_checkpoints`. The events are the truth; every row here can be thrown away and
@@ -16,7 +18,11 @@ pub mod error;
 pub mod jobs;
 pub mod rebuild;
 pub mod runner;
+pub mod swap;
+pub mod verify;
 
 pub use error::ProjectionError;
-pub use rebuild::rebuild_into;
+pub use rebuild::{Cursor, rebuild_into, rebuild_into_until};
 pub use runner::{JobsProjection, Outcome};
+pub use swap::{RebuildOptions, RebuildSummary, rebuild};
+pub use verify::{Difference, VerifyReport, verify};

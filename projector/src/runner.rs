@@ -12,6 +12,17 @@
 //! - **One runner at a time.** A session-level advisory lock, held on the connection the
 //!   batches are written on (as the relay does); other runners stand by (`Outcome::Idle`).
 //!   Two runners sharing the durable consumer would split its messages between them.
+//! - **A checkpoint ahead of the stream.** After a rebuild was swapped in (`crate::swap`), the
+//!   checkpoint's cursor `(tx_id, position)` may be ahead of the messages still to come (the
+//!   rebuild read the event store, which the relay publishes from with a lag), and its
+//!   `stream_sequence` may be 0. A message whose `(Overfly-Tx, position)` is at most the
+//!   checkpoint's cursor is covered by the rows already: it is acked, not applied, and only
+//!   advances the checkpoint's `stream_sequence`. The stream is in cursor order (the relay
+//!   publishes in commit order), so the consumer needs no other re-positioning.
+//! - **Paused by a swap.** Every batch transaction first takes [`SWAP_LOCK`] shared; a swap
+//!   takes it exclusively, so no batch is in flight while the tables change under it, and the
+//!   next batch reads the swapped-in checkpoint. (The runner's own [`LEADER_LOCK`] is a session
+//!   lock held as long as the runner lives, so a swap cannot take that one.)
 //! - **Nothing is skipped.** An event that cannot be applied stops the projection: the events
 //!   before it in its batch are committed, it and everything after it are not, the error is
 //!   written to `projection_checkpoints.last_error`, and every later step fails the same way
@@ -27,11 +38,15 @@ use sqlx::{Connection, PgConnection, PgPool};
 
 use crate::error::ProjectionError;
 use crate::jobs::{self, Applied, EventMeta};
+use crate::rebuild::Cursor;
 
 /// The durable consumer's name.
 pub const CONSUMER: &str = "projector-jobs";
 /// Advisory lock key of the jobs projection's runner (one per database): "overfly-proj-jobs".
-const LEADER_LOCK: i64 = 0x6f76_6572_666c_7902;
+pub const LEADER_LOCK: i64 = 0x6f76_6572_666c_7902;
+/// Transaction-level advisory lock between the runner's batches (shared) and a rebuild's swap
+/// (exclusive): "overfly-swp-jobs".
+pub const SWAP_LOCK: i64 = 0x6f76_6572_666c_7903;
 /// Only job events (a single filter subject: nats-server 2.9).
 pub const FILTER: &str = "overfly.events.job.>";
 
@@ -90,6 +105,13 @@ pub struct Checkpoint {
     pub stream_sequence: i64,
     pub events_applied: i64,
     pub last_error: Option<String>,
+}
+
+impl Checkpoint {
+    /// The cursor of the last applied event (zero when the text is not an `xid8`).
+    pub fn cursor(&self) -> Cursor {
+        Cursor::parse(&self.tx_id, self.position).unwrap_or_default()
+    }
 }
 
 /// Reads the checkpoint of `projection` (through `search_path`), `None` before the first batch.
@@ -241,32 +263,51 @@ impl JobsProjection {
             .as_mut()
             .ok_or_else(|| at_start(sqlx::Error::PoolClosed))?;
         let mut tx = conn.begin().await.map_err(at_start)?;
-        let done = load_checkpoint(&mut tx, jobs::NAME)
+        // Waits while a rebuild swaps the tables in (then reads its checkpoint below).
+        sqlx::query("SELECT pg_advisory_xact_lock_shared($1)")
+            .bind(SWAP_LOCK)
+            .execute(&mut *tx)
+            .await
+            .map_err(at_start)?;
+        let checkpoint = load_checkpoint(&mut tx, jobs::NAME)
             .await
             .map_err(at_start)?
-            .map_or(0, |c| c.stream_sequence);
-        let mut last = None;
+            .unwrap_or_default();
+        let done = checkpoint.stream_sequence;
+        let mut cursor = checkpoint.cursor();
+        let mut sequence = done;
         let mut applied = 0;
         for (index, message) in messages.iter().enumerate() {
-            let Some(next) = apply_message(&mut tx, message, done)
+            match apply_message(&mut tx, message, done, cursor)
                 .await
                 .map_err(|e| (index, e))?
-            else {
-                continue;
-            };
-            if next.1 == Applied::Applied {
-                applied += 1;
-            }
-            last = Some(next.0);
-            if let Some(limit) = self.fail_after
-                && applied >= limit
             {
-                return Err((index, ProjectionError::Injected(applied)));
+                Handled::Before => {}
+                Handled::Covered { stream_sequence } => {
+                    sequence = sequence.max(stream_sequence);
+                }
+                Handled::Done { last, applied: how } => {
+                    if how == Applied::Applied {
+                        applied += 1;
+                    }
+                    sequence = sequence.max(last.stream_sequence);
+                    cursor = cursor.max(last.cursor);
+                    if let Some(limit) = self.fail_after
+                        && applied >= limit
+                    {
+                        return Err((index, ProjectionError::Injected(applied)));
+                    }
+                }
             }
         }
         let at_end = |e: sqlx::Error| (messages.len(), ProjectionError::from(e));
-        if let Some(last) = &last {
-            store_checkpoint(&mut tx, jobs::NAME, last, applied)
+        if sequence > done {
+            let last = Last {
+                tx_id: cursor.tx.to_string(),
+                position: cursor.position,
+                stream_sequence: sequence,
+            };
+            store_checkpoint(&mut tx, jobs::NAME, &last, applied)
                 .await
                 .map_err(at_end)?;
         }
@@ -346,16 +387,34 @@ impl JobsProjection {
     }
 }
 
-/// Applies one message unless its stream sequence is at most `done` (applied before: `None`).
+/// What became of one message.
+enum Handled {
+    /// Its stream sequence is at most the checkpoint's: applied before.
+    Before,
+    /// Its cursor is at most the checkpoint's (a rebuild swapped in covers it): not applied.
+    Covered { stream_sequence: i64 },
+    /// Applied (or found applied by the job row's version).
+    Done { last: Sent, applied: Applied },
+}
+
+/// Where an applied message sits.
+struct Sent {
+    cursor: Cursor,
+    stream_sequence: i64,
+}
+
+/// Applies one message unless its stream sequence is at most `done` or its cursor at most
+/// `covered`.
 async fn apply_message(
     conn: &mut PgConnection,
     message: &jetstream::Message,
     done: i64,
-) -> Result<Option<(Last, Applied)>, ProjectionError> {
+    covered: Cursor,
+) -> Result<Handled, ProjectionError> {
     let info = message.info().map_err(ProjectionError::nats)?;
     let stream_sequence = i64::try_from(info.stream_sequence).unwrap_or(i64::MAX);
     if stream_sequence <= done {
-        return Ok(None);
+        return Ok(Handled::Before);
     }
     let envelope: EventEnvelope =
         serde_json::from_slice(&message.payload).map_err(|e| ProjectionError::Malformed {
@@ -366,8 +425,7 @@ async fn apply_message(
         .headers
         .as_ref()
         .and_then(|h| h.get(headers::TX))
-        .map(|v| v.as_str().to_string())
-        .filter(|v| v.parse::<u64>().is_ok())
+        .and_then(|v| v.as_str().parse::<u64>().ok())
         .ok_or_else(|| ProjectionError::Malformed {
             event_type: envelope.event_type.clone(),
             reason: format!(
@@ -375,13 +433,19 @@ async fn apply_message(
                 headers::TX
             ),
         })?;
-    let applied = apply_envelope(conn, &envelope).await?;
-    let last = Last {
-        tx_id,
+    let cursor = Cursor {
+        tx: tx_id,
         position: envelope.position,
+    };
+    if cursor <= covered {
+        return Ok(Handled::Covered { stream_sequence });
+    }
+    let applied = apply_envelope(conn, &envelope).await?;
+    let last = Sent {
+        cursor,
         stream_sequence,
     };
-    Ok(Some((last, applied)))
+    Ok(Handled::Done { last, applied })
 }
 
 async fn ack(messages: &[jetstream::Message]) -> Result<(), ProjectionError> {

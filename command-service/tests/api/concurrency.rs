@@ -104,3 +104,39 @@ async fn cancel_and_assign_racing_leave_a_consistent_history() {
         }
     }
 }
+
+/// The retry backoff is configuration (`--retry-base-s`), recorded in the event it decides.
+#[tokio::test]
+async fn the_configured_retry_backoff_is_what_the_event_records() {
+    use crate::helpers::{Options, spawn_app_with};
+    let app = spawn_app_with(Options {
+        retry_base_s: 2,
+        ..Options::default()
+    })
+    .await;
+    let mut body = job_body(1);
+    body["gpus"] = json!(1);
+    let id = app.submit(&body).await;
+    let run = uuid::Uuid::new_v4();
+    let steps = [
+        (
+            format!("/jobs/{id}/runs"),
+            json!({"run_id": run, "executor_id": "h1", "gpu_uuids": ["GPU-1"]}),
+        ),
+        (
+            format!("/jobs/{id}/runs/{run}/started"),
+            json!({"executor_id": "h1"}),
+        ),
+        (
+            format!("/jobs/{id}/runs/{run}/failed"),
+            json!({"executor_id": "h1", "exit_code": 1, "reason": "boom", "retryable": true}),
+        ),
+    ];
+    for (path, body) in &steps {
+        assert_eq!(app.post(path, body).await.status(), 200, "{path}");
+    }
+    let events = events_of(&app, &id).await;
+    let (kind, payload) = events.last().unwrap();
+    assert_eq!(kind, "RetryScheduled");
+    assert_eq!(payload["RetryScheduled"]["backoff_s"], 2);
+}

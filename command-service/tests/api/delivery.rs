@@ -187,7 +187,11 @@ async fn relay_position(app: &crate::helpers::TestApp) -> Option<i64> {
 /// already has and publishes the rest: nothing lost, nothing twice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_relay_crash_between_ack_and_position_loses_and_duplicates_nothing() {
-    let app = spawn_app_with(Options { relay: false }).await;
+    let app = spawn_app_with(Options {
+        relay: false,
+        ..Options::default()
+    })
+    .await;
     let total = 1200;
     submit_many(&app, total).await;
 
@@ -219,7 +223,11 @@ async fn a_relay_crash_between_ack_and_position_loses_and_duplicates_nothing() {
 /// in small batches, then restarted: every event exactly once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_relay_killed_mid_batch_and_restarted_loses_and_duplicates_nothing() {
-    let app = spawn_app_with(Options { relay: false }).await;
+    let app = spawn_app_with(Options {
+        relay: false,
+        ..Options::default()
+    })
+    .await;
     let total = 1500;
     submit_many(&app, total).await;
 
@@ -245,7 +253,11 @@ async fn a_relay_killed_mid_batch_and_restarted_loses_and_duplicates_nothing() {
 /// takes over when it dies.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_standby_relay_takes_over_when_the_leader_dies() {
-    let app = spawn_app_with(Options { relay: false }).await;
+    let app = spawn_app_with(Options {
+        relay: false,
+        ..Options::default()
+    })
+    .await;
     submit_many(&app, 100).await;
     let mut leader = relay_process(&app, 500, None);
     let first = stream_events(&app.nats.url(), 100, Duration::from_secs(20)).await;

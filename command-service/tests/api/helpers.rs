@@ -30,11 +30,15 @@ pub struct TestApp {
 
 pub struct Options {
     pub relay: bool,
+    pub retry_base_s: u64,
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Self { relay: true }
+        Self {
+            relay: true,
+            retry_base_s: 10,
+        }
     }
 }
 
@@ -58,6 +62,8 @@ pub async fn spawn_app_with(options: Options) -> TestApp {
         "127.0.0.1:0",
         "--relay-enabled",
         &options.relay.to_string(),
+        "--retry-base-s",
+        &options.retry_base_s.to_string(),
     ]);
     let app = Application::build(&cli.config).await.expect("app builds");
     let addr = app.local_addr();

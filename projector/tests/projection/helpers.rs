@@ -93,6 +93,11 @@ pub fn job_body(n: usize) -> Value {
 }
 
 impl TestApp {
+    /// The test database's URL (for the binary under test).
+    pub fn database_url(&self) -> String {
+        self._db.url.clone()
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{}", self.addr, path)
     }

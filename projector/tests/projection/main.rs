@@ -1,5 +1,6 @@
 //! The jobs projection against the real command service, relay, Postgres and nats-server.
 
+mod audit;
 mod helpers;
 
 use std::time::Duration;

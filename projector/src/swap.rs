@@ -1,0 +1,333 @@
+//! `rebuild`: builds the jobs projection from event 0 into a shadow schema while the live one
+//! keeps serving, catches up, then swaps it in atomically.
+//!
+//! 1. **Bulk**: every job event of the store, batched, one transaction per batch.
+//! 2. **Catch up**: the tail (events after the shadow's checkpoint) again and again until a
+//!    round reads at most `close_enough` events (or `max_rounds` ran).
+//! 3. **Swap**, in one transaction: take [`SWAP_LOCK`] exclusively (the live runner's batches
+//!    take it shared, so none is in flight and the next waits), apply the last tail, rename
+//!    the live tables (and their indexes) away, move the shadow tables (indexes follow) into
+//!    `public` under the live names, and write the shadow's cursor into the live checkpoint
+//!    row, keeping its `stream_sequence`. The shadow read the store directly, so its cursor is
+//!    at or ahead of every message the runner applied; the runner acks messages its cursor
+//!    covers without applying them (see `runner`), and goes on after them.
+//! 4. The old tables and the shadow schema are dropped after the commit.
+//!
+//! Readers never see the tables absent: `ALTER TABLE` takes an `ACCESS EXCLUSIVE` lock, a
+//! query waiting on it looks the name up again once it is granted, and finds the new table.
+
+use std::time::Duration;
+
+use sqlx::{PgConnection, PgPool};
+
+use crate::jobs;
+use crate::rebuild::{self, Built, Cursor, Progress, RebuildError};
+use crate::runner::SWAP_LOCK;
+
+/// Session advisory lock held by a running `rebuild` ("overfly-rbd-jobs").
+pub const REBUILD_LOCK: i64 = 0x6f76_6572_666c_7904;
+
+/// The live tables the swap replaces.
+const SWAPPED: &[&str] = &["read_jobs", "read_runs"];
+
+/// How a rebuild runs.
+#[derive(Debug, Clone)]
+pub struct RebuildOptions {
+    /// The shadow schema (dropped and re-created; dropped at the end).
+    pub schema: String,
+    /// Events per transaction.
+    pub batch_size: i64,
+    /// Catch-up ends when a round reads at most this many events.
+    pub close_enough: u64,
+    /// Catch-up rounds at most before swapping anyway (the swap applies what is left).
+    pub max_rounds: usize,
+    /// How often progress is logged.
+    pub progress_every: Duration,
+}
+
+impl Default for RebuildOptions {
+    fn default() -> Self {
+        Self {
+            schema: "rebuild_jobs".to_string(),
+            batch_size: rebuild::BATCH,
+            close_enough: 500,
+            max_rounds: 20,
+            progress_every: Duration::from_secs(1),
+        }
+    }
+}
+
+/// What a rebuild did.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RebuildSummary {
+    /// Events read from the store (bulk, catch-up and the swap's tail).
+    pub events_read: u64,
+    /// Events applied to the new tables.
+    pub events_applied: u64,
+    /// Catch-up rounds after the bulk build.
+    pub catch_up_rounds: usize,
+    /// Events applied inside the swap transaction (while the runner waited).
+    pub swap_tail: u64,
+    /// The cursor the swapped-in tables are at.
+    pub cursor: Cursor,
+    /// The live checkpoint's JetStream sequence, kept through the swap.
+    pub stream_sequence: i64,
+    /// Rows of the new tables.
+    pub jobs: i64,
+    pub runs: i64,
+    /// Wall time, and events read per second over it.
+    pub elapsed: Duration,
+    pub rate: f64,
+    /// How long the swap transaction held the runner.
+    pub swap_time: Duration,
+}
+
+impl std::fmt::Display for RebuildSummary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "rebuilt and swapped in the jobs projection: {} events read, {} applied, {} jobs, \
+             {} runs, at {}, in {:.2} s ({:.0} events/s); {} catch-up rounds, {} events \
+             applied during the swap ({} ms)",
+            self.events_read,
+            self.events_applied,
+            self.jobs,
+            self.runs,
+            self.cursor,
+            self.elapsed.as_secs_f64(),
+            self.rate,
+            self.catch_up_rounds,
+            self.swap_tail,
+            self.swap_time.as_millis(),
+        )
+    }
+}
+
+/// Rebuilds the jobs projection from event 0 beside the live one and swaps it in.
+#[tracing::instrument(name = "projector.jobs.rebuild", skip_all, fields(schema = %options.schema))]
+pub async fn rebuild(
+    pool: &PgPool,
+    options: &RebuildOptions,
+) -> Result<RebuildSummary, RebuildError> {
+    let schema = options.schema.as_str();
+    // One rebuild at a time: held on this connection until the end (or its loss).
+    let mut guard = pool.acquire().await?;
+    let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
+        .bind(REBUILD_LOCK)
+        .fetch_one(&mut *guard)
+        .await?;
+    if !locked {
+        return Err(RebuildError::Busy);
+    }
+    let result = async {
+        rebuild::create_shadow(pool, schema).await?;
+        rebuild_in(pool, options).await
+    }
+    .await;
+    if result.is_err()
+        && let Err(error) = rebuild::drop_shadow(pool, schema).await
+    {
+        tracing::warn!(schema, error = %error, "could not drop the shadow schema");
+    }
+    if let Err(error) = sqlx::query("SELECT pg_advisory_unlock($1)")
+        .bind(REBUILD_LOCK)
+        .execute(&mut *guard)
+        .await
+    {
+        // The connection is gone, and the lock with it.
+        tracing::warn!(error = %error, "could not release the rebuild lock");
+        guard.detach();
+    }
+    result
+}
+
+async fn rebuild_in(
+    pool: &PgPool,
+    options: &RebuildOptions,
+) -> Result<RebuildSummary, RebuildError> {
+    let schema = options.schema.as_str();
+    let total = rebuild::job_events(pool).await?;
+    tracing::info!(schema, total, "rebuilding the jobs projection from event 0");
+    let mut progress = Progress::new("bulk", total, options.progress_every);
+    let bulk = rebuild::build(
+        pool,
+        schema,
+        Cursor::ZERO,
+        None,
+        options.batch_size,
+        &mut progress,
+    )
+    .await?;
+    let mut built = bulk;
+    progress.set_phase("catch-up");
+    let mut rounds = 0;
+    while rounds < options.max_rounds {
+        progress.set_total(rebuild::job_events(pool).await?);
+        let tail = rebuild::build(
+            pool,
+            schema,
+            built.cursor,
+            None,
+            options.batch_size,
+            &mut progress,
+        )
+        .await?;
+        rounds += 1;
+        built = Built {
+            cursor: tail.cursor,
+            read: built.read + tail.read,
+            applied: built.applied + tail.applied,
+        };
+        if tail.read <= options.close_enough {
+            break;
+        }
+    }
+    progress.log();
+
+    let swap_started = std::time::Instant::now();
+    let mut tx = pool.begin().await?;
+    sqlx::query("SELECT pg_advisory_xact_lock($1)")
+        .bind(SWAP_LOCK)
+        .execute(&mut *tx)
+        .await?;
+    let mut swap_tail = 0;
+    while let Some(batch) =
+        rebuild::apply_batch(&mut tx, schema, built.cursor, None, options.batch_size).await?
+    {
+        built.cursor = batch.cursor;
+        built.read += batch.read;
+        built.applied += batch.applied;
+        swap_tail += batch.read;
+        progress.advance(batch.read);
+    }
+    sqlx::query("SET LOCAL search_path TO public")
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query("SET LOCAL client_min_messages = warning")
+        .execute(&mut *tx)
+        .await?;
+    for table in SWAPPED {
+        swap_table(&mut tx, schema, table).await?;
+    }
+    let (events_applied,): (i64,) = sqlx::query_as(&format!(
+        "SELECT events_applied FROM {schema}.projection_checkpoints WHERE projection = $1"
+    ))
+    .bind(jobs::NAME)
+    .fetch_optional(&mut *tx)
+    .await?
+    .unwrap_or((0,));
+    // The rows are the shadow's now: so is the cursor. The stream sequence stays the runner's
+    // (the last message it applied, which the new cursor covers).
+    let stream_sequence: i64 = sqlx::query_scalar(
+        "INSERT INTO public.projection_checkpoints
+                (projection, tx_id, position, stream_sequence, events_applied, updated_at)
+         VALUES ($1, $2::text::xid8, $3, 0, $4, now())
+         ON CONFLICT (projection) DO UPDATE
+            SET tx_id = EXCLUDED.tx_id, position = EXCLUDED.position,
+                events_applied = EXCLUDED.events_applied, updated_at = now(), last_error = NULL
+         RETURNING stream_sequence",
+    )
+    .bind(jobs::NAME)
+    .bind(built.cursor.tx.to_string())
+    .bind(built.cursor.position)
+    .bind(events_applied)
+    .fetch_one(&mut *tx)
+    .await?;
+    let (jobs, runs): (i64, i64) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM public.read_jobs), (SELECT count(*) FROM public.read_runs)",
+    )
+    .fetch_one(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    let swap_time = swap_started.elapsed();
+    tracing::info!(cursor = %built.cursor, swap_ms = swap_time.as_millis() as u64, "swapped in");
+
+    let mut tx = pool.begin().await?;
+    sqlx::query("SET LOCAL client_min_messages = warning")
+        .execute(&mut *tx)
+        .await?;
+    for table in SWAPPED {
+        sqlx::query(&format!("DROP TABLE IF EXISTS public.{table}_old"))
+            .execute(&mut *tx)
+            .await?;
+    }
+    tx.commit().await?;
+    rebuild::drop_shadow(pool, schema).await?;
+
+    let summary = RebuildSummary {
+        events_read: built.read,
+        events_applied: built.applied,
+        catch_up_rounds: rounds,
+        swap_tail,
+        cursor: built.cursor,
+        stream_sequence,
+        jobs,
+        runs,
+        elapsed: progress.elapsed(),
+        rate: progress.rate(),
+        swap_time,
+    };
+    tracing::info!(summary = %summary, "rebuild done");
+    Ok(summary)
+}
+
+/// Index name → definition (from ` USING …`), of the indexes of `schema.table`.
+async fn indexes(
+    conn: &mut PgConnection,
+    schema: &str,
+    table: &str,
+) -> Result<Vec<(String, String)>, RebuildError> {
+    let rows = sqlx::query_as(
+        "SELECT c.relname::text, substring(pg_get_indexdef(i.indexrelid) from ' USING .*$')
+           FROM pg_index i
+           JOIN pg_class c ON c.oid = i.indexrelid
+          WHERE i.indrelid = (quote_ident($1) || '.' || quote_ident($2))::regclass
+          ORDER BY c.relname",
+    )
+    .bind(schema)
+    .bind(table)
+    .fetch_all(&mut *conn)
+    .await?;
+    Ok(rows)
+}
+
+/// Inside the swap transaction: `public.table` becomes `public.table_old` (its indexes
+/// `…_old`), `schema.table` becomes `public.table`, its indexes renamed to the live names
+/// (matched by definition), so the schema after a swap reads as the migrations wrote it.
+async fn swap_table(
+    conn: &mut PgConnection,
+    schema: &str,
+    table: &str,
+) -> Result<(), RebuildError> {
+    let old = indexes(conn, "public", table).await?;
+    let new = indexes(conn, schema, table).await?;
+    sqlx::query(&format!("DROP TABLE IF EXISTS public.{table}_old"))
+        .execute(&mut *conn)
+        .await?;
+    for (name, _) in &old {
+        sqlx::query(&format!(
+            "ALTER INDEX public.\"{name}\" RENAME TO \"{name}_old\""
+        ))
+        .execute(&mut *conn)
+        .await?;
+    }
+    sqlx::query(&format!("ALTER TABLE public.{table} RENAME TO {table}_old"))
+        .execute(&mut *conn)
+        .await?;
+    sqlx::query(&format!("ALTER TABLE {schema}.{table} SET SCHEMA public"))
+        .execute(&mut *conn)
+        .await?;
+    for (name, definition) in &new {
+        let Some((live_name, _)) = old.iter().find(|(_, d)| d == definition) else {
+            continue;
+        };
+        if live_name != name {
+            sqlx::query(&format!(
+                "ALTER INDEX public.\"{name}\" RENAME TO \"{live_name}\""
+            ))
+            .execute(&mut *conn)
+            .await?;
+        }
+    }
+    Ok(())
+}
