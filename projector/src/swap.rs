@@ -15,6 +15,13 @@
 //!
 //! Readers never see the tables absent: `ALTER TABLE` takes an `ACCESS EXCLUSIVE` lock, a
 //! query waiting on it looks the name up again once it is granted, and finds the new table.
+//! Readers queue behind a swap waiting for that lock, so the swap waits at most
+//! `lock_timeout` for a long-running reader, then rolls back (nothing changed, the runner
+//! resumes) and tries again, up to `swap_attempts` times.
+//!
+//! Privileges granted on the live tables (e.g. a read-only role of the query service) are
+//! granted on the new ones in the same transaction; `LIKE` copies only columns, defaults,
+//! constraints and indexes. The new tables are owned by whoever ran the rebuild.
 
 use std::time::Duration;
 
@@ -43,6 +50,11 @@ pub struct RebuildOptions {
     pub max_rounds: usize,
     /// How often progress is logged.
     pub progress_every: Duration,
+    /// How long the swap waits for the live tables' locks (a long query reading them) before
+    /// it rolls back and tries again: bounds how long readers queue behind it.
+    pub lock_timeout: Duration,
+    /// Swap transactions tried at most.
+    pub swap_attempts: usize,
 }
 
 impl Default for RebuildOptions {
@@ -53,6 +65,8 @@ impl Default for RebuildOptions {
             close_enough: 500,
             max_rounds: 20,
             progress_every: Duration::from_secs(1),
+            lock_timeout: Duration::from_secs(2),
+            swap_attempts: 10,
         }
     }
 }
@@ -68,6 +82,9 @@ pub struct RebuildSummary {
     pub catch_up_rounds: usize,
     /// Events applied inside the swap transaction (while the runner waited).
     pub swap_tail: u64,
+    /// Swap transactions tried (more than one when readers held the tables past
+    /// `lock_timeout`).
+    pub swap_attempts: usize,
     /// The cursor the swapped-in tables are at.
     pub cursor: Cursor,
     /// The live checkpoint's JetStream sequence, kept through the swap.
@@ -88,7 +105,7 @@ impl std::fmt::Display for RebuildSummary {
             f,
             "rebuilt and swapped in the jobs projection: {} events read, {} applied, {} jobs, \
              {} runs, at {}, in {:.2} s ({:.0} events/s); {} catch-up rounds, {} events \
-             applied during the swap ({} ms)",
+             applied during the swap ({} ms, {} attempts)",
             self.events_read,
             self.events_applied,
             self.jobs,
@@ -99,6 +116,7 @@ impl std::fmt::Display for RebuildSummary {
             self.catch_up_rounds,
             self.swap_tail,
             self.swap_time.as_millis(),
+            self.swap_attempts,
         )
     }
 }
@@ -185,20 +203,84 @@ async fn rebuild_in(
     progress.log();
 
     let swap_started = std::time::Instant::now();
+    let mut attempts = 0;
+    let (swap_tail, stream_sequence) = loop {
+        attempts += 1;
+        match swap(pool, options, &mut built).await {
+            Ok(done) => break done,
+            Err(error) if attempts < options.swap_attempts && is_lock_timeout(&error) => {
+                tracing::warn!(
+                    attempt = attempts,
+                    lock_timeout = ?options.lock_timeout,
+                    "a reader held the live tables too long; swapping again"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(error) => return Err(error),
+        }
+    };
+    progress.advance(swap_tail);
+    let swap_time = swap_started.elapsed();
+    tracing::info!(cursor = %built.cursor, attempts, swap_ms = swap_time.as_millis() as u64, "swapped in");
+    let (jobs, runs): (i64, i64) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM public.read_jobs), (SELECT count(*) FROM public.read_runs)",
+    )
+    .fetch_one(pool)
+    .await?;
+
+    let mut tx = pool.begin().await?;
+    sqlx::query("SET LOCAL client_min_messages = warning")
+        .execute(&mut *tx)
+        .await?;
+    for table in SWAPPED {
+        sqlx::query(&format!("DROP TABLE IF EXISTS public.{table}_old"))
+            .execute(&mut *tx)
+            .await?;
+    }
+    tx.commit().await?;
+    rebuild::drop_shadow(pool, schema).await?;
+
+    let summary = RebuildSummary {
+        events_read: built.read,
+        events_applied: built.applied,
+        catch_up_rounds: rounds,
+        swap_tail,
+        swap_attempts: attempts,
+        cursor: built.cursor,
+        stream_sequence,
+        jobs,
+        runs,
+        elapsed: progress.elapsed(),
+        rate: progress.rate(),
+        swap_time,
+    };
+    tracing::info!(summary = %summary, "rebuild done");
+    Ok(summary)
+}
+
+/// One swap transaction: pauses the runner, applies the last tail to the shadow, swaps the
+/// tables and the checkpoint, commits. On error nothing happened (and `built` is as before);
+/// on success the events read in it and the kept stream sequence.
+async fn swap(
+    pool: &PgPool,
+    options: &RebuildOptions,
+    built: &mut Built,
+) -> Result<(u64, i64), RebuildError> {
+    let schema = options.schema.as_str();
     let mut tx = pool.begin().await?;
     sqlx::query("SELECT pg_advisory_xact_lock($1)")
         .bind(SWAP_LOCK)
         .execute(&mut *tx)
         .await?;
+    let mut done = *built;
     let mut swap_tail = 0;
     while let Some(batch) =
-        rebuild::apply_batch(&mut tx, schema, built.cursor, None, options.batch_size).await?
+        rebuild::apply_batch(&mut tx, schema, done.cursor, None, options.batch_size).await?
     {
-        built.cursor = batch.cursor;
-        built.read += batch.read;
-        built.applied += batch.applied;
+        done.cursor = batch.cursor;
+        done.read += batch.read;
+        done.applied += batch.applied;
         swap_tail += batch.read;
-        progress.advance(batch.read);
     }
     sqlx::query("SET LOCAL search_path TO public")
         .execute(&mut *tx)
@@ -206,6 +288,11 @@ async fn rebuild_in(
     sqlx::query("SET LOCAL client_min_messages = warning")
         .execute(&mut *tx)
         .await?;
+    let timeout = format!(
+        "SET LOCAL lock_timeout = {}",
+        options.lock_timeout.as_millis().max(1)
+    );
+    sqlx::query(&timeout).execute(&mut *tx).await?;
     for table in SWAPPED {
         swap_table(&mut tx, schema, table).await?;
     }
@@ -228,47 +315,23 @@ async fn rebuild_in(
          RETURNING stream_sequence",
     )
     .bind(jobs::NAME)
-    .bind(built.cursor.tx.to_string())
-    .bind(built.cursor.position)
+    .bind(done.cursor.tx.to_string())
+    .bind(done.cursor.position)
     .bind(events_applied)
     .fetch_one(&mut *tx)
     .await?;
-    let (jobs, runs): (i64, i64) = sqlx::query_as(
-        "SELECT (SELECT count(*) FROM public.read_jobs), (SELECT count(*) FROM public.read_runs)",
+    tx.commit().await?;
+    *built = done;
+    Ok((swap_tail, stream_sequence))
+}
+
+/// A statement gave up waiting for a lock (`lock_timeout`, SQLSTATE 55P03).
+fn is_lock_timeout(error: &RebuildError) -> bool {
+    matches!(
+        error,
+        RebuildError::Projection(crate::ProjectionError::Database(sqlx::Error::Database(db)))
+            if db.code().as_deref() == Some("55P03")
     )
-    .fetch_one(&mut *tx)
-    .await?;
-    tx.commit().await?;
-    let swap_time = swap_started.elapsed();
-    tracing::info!(cursor = %built.cursor, swap_ms = swap_time.as_millis() as u64, "swapped in");
-
-    let mut tx = pool.begin().await?;
-    sqlx::query("SET LOCAL client_min_messages = warning")
-        .execute(&mut *tx)
-        .await?;
-    for table in SWAPPED {
-        sqlx::query(&format!("DROP TABLE IF EXISTS public.{table}_old"))
-            .execute(&mut *tx)
-            .await?;
-    }
-    tx.commit().await?;
-    rebuild::drop_shadow(pool, schema).await?;
-
-    let summary = RebuildSummary {
-        events_read: built.read,
-        events_applied: built.applied,
-        catch_up_rounds: rounds,
-        swap_tail,
-        cursor: built.cursor,
-        stream_sequence,
-        jobs,
-        runs,
-        elapsed: progress.elapsed(),
-        rate: progress.rate(),
-        swap_time,
-    };
-    tracing::info!(summary = %summary, "rebuild done");
-    Ok(summary)
 }
 
 /// Index name → definition (from ` USING …`), of the indexes of `schema.table`.
@@ -292,8 +355,9 @@ async fn indexes(
 }
 
 /// Inside the swap transaction: `public.table` becomes `public.table_old` (its indexes
-/// `…_old`), `schema.table` becomes `public.table`, its indexes renamed to the live names
-/// (matched by definition), so the schema after a swap reads as the migrations wrote it.
+/// `…_old`), `schema.table` becomes `public.table`, gets the old one's grants, and its indexes
+/// are renamed to the live names (matched by definition), so the schema after a swap reads as
+/// the migrations wrote it.
 async fn swap_table(
     conn: &mut PgConnection,
     schema: &str,
@@ -301,6 +365,15 @@ async fn swap_table(
 ) -> Result<(), RebuildError> {
     let old = indexes(conn, "public", table).await?;
     let new = indexes(conn, schema, table).await?;
+    let grants: Vec<(String, String, bool)> = sqlx::query_as(
+        "SELECT CASE WHEN a.grantee = 0 THEN 'PUBLIC' ELSE a.grantee::regrole::text END,
+                a.privilege_type, a.is_grantable
+           FROM pg_class c, aclexplode(c.relacl) a
+          WHERE c.oid = ('public.' || quote_ident($1))::regclass AND a.grantee <> c.relowner",
+    )
+    .bind(table)
+    .fetch_all(&mut *conn)
+    .await?;
     sqlx::query(&format!("DROP TABLE IF EXISTS public.{table}_old"))
         .execute(&mut *conn)
         .await?;
@@ -317,6 +390,14 @@ async fn swap_table(
     sqlx::query(&format!("ALTER TABLE {schema}.{table} SET SCHEMA public"))
         .execute(&mut *conn)
         .await?;
+    for (grantee, privilege, grantable) in &grants {
+        let option = if *grantable { " WITH GRANT OPTION" } else { "" };
+        sqlx::query(&format!(
+            "GRANT {privilege} ON public.{table} TO {grantee}{option}"
+        ))
+        .execute(&mut *conn)
+        .await?;
+    }
     for (name, definition) in &new {
         let Some((live_name, _)) = old.iter().find(|(_, d)| d == definition) else {
             continue;

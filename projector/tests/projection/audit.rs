@@ -292,6 +292,19 @@ async fn rebuild_swaps_in_while_the_runner_and_commands_keep_going() {
     app.wait_relayed().await;
     let runner = tokio::spawn(app.projection().await.run());
     let indexes_before = index_names(&app).await;
+    // A read-only role (as a query service may use): its grant survives the swap.
+    let role = format!(
+        "overfly_reader_{}",
+        &Uuid::new_v4().simple().to_string()[..12]
+    );
+    sqlx::query(&format!("CREATE ROLE {role}"))
+        .execute(&app.pool)
+        .await
+        .unwrap();
+    sqlx::query(&format!("GRANT SELECT ON read_jobs, read_runs TO {role}"))
+        .execute(&app.pool)
+        .await
+        .unwrap();
 
     let done = AtomicBool::new(false);
     let options = RebuildOptions {
@@ -301,6 +314,7 @@ async fn rebuild_swaps_in_while_the_runner_and_commands_keep_going() {
         close_enough: 2,
         max_rounds: 30,
         progress_every: Duration::from_millis(50),
+        ..RebuildOptions::default()
     };
     let rebuilding = async {
         let summary = rebuild(&app.pool, &options).await;
@@ -360,6 +374,24 @@ async fn rebuild_swaps_in_while_the_runner_and_commands_keep_going() {
     runner.abort();
 
     assert_eq!(index_names(&app).await, indexes_before);
+    let granted: (bool, bool, bool) = sqlx::query_as(
+        "SELECT has_table_privilege($1, 'public.read_jobs', 'SELECT'),
+                has_table_privilege($1, 'public.read_runs', 'SELECT'),
+                has_table_privilege($1, 'public.read_jobs', 'UPDATE')",
+    )
+    .bind(&role)
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    sqlx::query(&format!("DROP OWNED BY {role}"))
+        .execute(&app.pool)
+        .await
+        .unwrap();
+    sqlx::query(&format!("DROP ROLE {role}"))
+        .execute(&app.pool)
+        .await
+        .unwrap();
+    assert_eq!(granted, (true, true, false));
     assert_eq!(schemas_like(&app, "rebuild_live").await, 0);
     let old: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM pg_tables WHERE tablename IN ('read_jobs_old', 'read_runs_old')",
@@ -368,6 +400,49 @@ async fn rebuild_swaps_in_while_the_runner_and_commands_keep_going() {
     .await
     .unwrap();
     assert_eq!(old, 0);
+}
+
+/// A query holding the live tables past the swap's `lock_timeout` makes the swap roll back
+/// and try again (readers queue behind a waiting swap for at most that long), and the
+/// rebuild still lands once the reader is done.
+#[tokio::test]
+async fn a_long_reader_makes_the_swap_try_again_rather_than_block_readers() {
+    let app = spawn_app().await;
+    for n in 0..3 {
+        app.short_life(n, 4).await;
+    }
+    app.wait_relayed().await;
+    let mut projection = app.projection().await;
+    drain(&mut projection).await.unwrap();
+
+    let mut reader = app.pool.begin().await.unwrap();
+    sqlx::query("SELECT count(*) FROM read_jobs")
+        .execute(&mut *reader)
+        .await
+        .unwrap();
+    let options = RebuildOptions {
+        schema: "rebuild_wait".into(),
+        lock_timeout: Duration::from_millis(100),
+        swap_attempts: 100,
+        ..RebuildOptions::default()
+    };
+    let releasing = async {
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        // Other readers get through meanwhile (after at most one lock_timeout each).
+        let count: i64 = sqlx::query_scalar("SELECT count(*) FROM read_jobs")
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
+        reader.commit().await.unwrap();
+        count
+    };
+    let (summary, count) = tokio::join!(rebuild(&app.pool, &options), releasing);
+    let summary = summary.unwrap();
+    assert_eq!(count, 3);
+    assert!(summary.swap_attempts > 1, "{summary}");
+    assert_eq!(summary.events_applied, 15);
+    let report = verify(&app.pool).await.unwrap();
+    assert!(report.is_clean(), "{report}");
 }
 
 /// The indexes of the live read-model tables: `table.index`, sorted.
