@@ -8,8 +8,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use overfly_domain::job::JobServices;
-use poem::listener::{Acceptor, Listener, TcpAcceptor, TcpListener};
-use poem::{EndpointExt, Route, Server};
+use overfly_http::server::Bound;
 use poem_openapi::OpenApiService;
 use sqlx::PgPool;
 use tokio::sync::Notify;
@@ -20,11 +19,10 @@ use crate::config::Config;
 use crate::relay::Relay;
 
 pub struct Application {
-    acceptor: TcpAcceptor,
+    bound: Bound,
     bus: Arc<CommandBus>,
     nats: async_nats::Client,
     relay: Option<Relay>,
-    local_addr: SocketAddr,
 }
 
 pub fn openapi(api: CommandApi) -> OpenApiService<CommandApi, ()> {
@@ -76,26 +74,17 @@ impl Application {
         let relay = config
             .relay_enabled
             .then(|| Relay::new(pool, nats.clone(), config.relay.clone(), committed));
-        let acceptor = TcpListener::bind(config.addr.to_string())
-            .into_acceptor()
-            .await
-            .with_context(|| format!("binding {}", config.addr))?;
-        let local_addr = acceptor
-            .local_addr()
-            .first()
-            .and_then(|addr| addr.as_socket_addr().copied())
-            .context("listener has no socket address")?;
+        let bound = overfly_http::server::bind(config.addr).await?;
         Ok(Self {
-            acceptor,
+            bound,
             bus,
             nats,
             relay,
-            local_addr,
         })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
-        self.local_addr
+        self.bound.local_addr
     }
 
     /// Serves until `shutdown` completes, then drains requests for up to 10 s.
@@ -107,21 +96,10 @@ impl Application {
         let service = openapi(CommandApi {
             bus: self.bus,
             nats: Some(self.nats),
-        })
-        .server(format!("http://{}", self.local_addr));
-        let spec = service.spec_endpoint();
-        let docs = service.swagger_ui();
-        let route = Route::new()
-            .at("/openapi.json", spec)
-            .nest("/docs", docs)
-            .nest("/", service)
-            .around(overfly_http::trace::span_per_request)
-            .catch_all_error(overfly_http::problem::catch_all);
-        tracing::info!(addr = %self.local_addr, "command API listening");
-        let served = Server::new_with_acceptor(self.acceptor)
-            .run_with_graceful_shutdown(route, shutdown, Some(Duration::from_secs(10)))
-            .await;
-        served.context("HTTP server")
+        });
+        overfly_http::server::serve(self.bound, service, shutdown)
+            .await
+            .context("HTTP server")
     }
 }
 

@@ -6,6 +6,7 @@
 
 pub mod body;
 pub mod problem;
+pub mod server;
 pub mod trace;
 
 pub use body::Body;

@@ -6,8 +6,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::Context;
-use poem::listener::{Acceptor, Listener, TcpAcceptor, TcpListener};
-use poem::{EndpointExt, Route, Server};
+use overfly_http::server::Bound;
 use poem_openapi::OpenApiService;
 
 use crate::api::QueryApi;
@@ -33,9 +32,8 @@ pub fn openapi_json() -> String {
 }
 
 pub struct Application {
-    acceptor: TcpAcceptor,
+    bound: Bound,
     api: QueryApi,
-    local_addr: SocketAddr,
 }
 
 impl Application {
@@ -47,43 +45,20 @@ impl Application {
         )
         .await?;
         overfly_infra::db::migrate(&pool).await?;
-        let acceptor = TcpListener::bind(config.addr.to_string())
-            .into_acceptor()
-            .await
-            .with_context(|| format!("binding {}", config.addr))?;
-        let local_addr = acceptor
-            .local_addr()
-            .first()
-            .and_then(|addr| addr.as_socket_addr().copied())
-            .context("listener has no socket address")?;
+        let bound = overfly_http::server::bind(config.addr).await?;
         let api = QueryApi {
             pool,
             read_your_writes_wait: config.read_your_writes_wait(),
         };
-        Ok(Self {
-            acceptor,
-            api,
-            local_addr,
-        })
+        Ok(Self { bound, api })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
-        self.local_addr
+        self.bound.local_addr
     }
 
     pub async fn run_until(self, shutdown: impl Future<Output = ()> + Send) -> anyhow::Result<()> {
-        let service = openapi(self.api).server(format!("http://{}", self.local_addr));
-        let spec = service.spec_endpoint();
-        let docs = service.swagger_ui();
-        let route = Route::new()
-            .at("/openapi.json", spec)
-            .nest("/docs", docs)
-            .nest("/", service)
-            .around(overfly_http::trace::span_per_request)
-            .catch_all_error(overfly_http::problem::catch_all);
-        tracing::info!(addr = %self.local_addr, "query API listening");
-        Server::new_with_acceptor(self.acceptor)
-            .run_with_graceful_shutdown(route, shutdown, Some(Duration::from_secs(10)))
+        overfly_http::server::serve(self.bound, openapi(self.api), shutdown)
             .await
             .context("HTTP server")
     }
