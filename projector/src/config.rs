@@ -18,7 +18,8 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Apply migrations, then run the jobs projection from JetStream (the default).
+    /// Apply migrations, then run the jobs and the executors projections from JetStream (the
+    /// default).
     Run,
     /// Build the jobs projection from the event store into SCHEMA (dropped and re-created
     /// there), beside the live tables, and print how many events were applied.
@@ -116,9 +117,16 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command.unwrap_or(Command::Run) {
         Command::Run => {
             let nats = overfly_infra::nats::connect(&config.nats_url, "overfly-projector").await?;
-            let projection = crate::runner::JobsProjection::new(pool, nats, config.runner());
+            // Two runners on tasks of their own, each with its own consumer, checkpoint and
+            // lock. `run` returns only by panicking: then the process exits with the error.
+            let jobs =
+                crate::runner::JobsProjection::new(pool.clone(), nats.clone(), config.runner());
+            let executors = crate::runner::ExecutorsProjection::new(pool, nats, config.runner());
+            let mut jobs = tokio::spawn(jobs.run());
+            let mut executors = tokio::spawn(executors.run());
             tokio::select! {
-                () = projection.run() => {}
+                result = &mut jobs => result.context("the jobs projection's task")?,
+                result = &mut executors => result.context("the executors projection's task")?,
                 result = tokio::signal::ctrl_c() => {
                     result.context("waiting for Ctrl-C")?;
                     tracing::info!("shutting down");

@@ -30,6 +30,15 @@ pub enum ProjectionError {
         expected: i64,
         got: i64,
     },
+    /// An executor event arrived out of order or after a lost one (executors projection).
+    #[error(
+        "executor {executor_id}: expected event sequence {expected}, got {got} (events missing)"
+    )]
+    ExecutorGap {
+        executor_id: String,
+        expected: i64,
+        got: i64,
+    },
     /// A run event for a run the projection never saw assigned.
     #[error("job {job_id}: run {run_id} has no row (its RunAssigned is missing)")]
     MissingRun { job_id: Uuid, run_id: Uuid },
@@ -51,6 +60,7 @@ impl ProjectionError {
                 | Self::UnknownEventVersion { .. }
                 | Self::Malformed { .. }
                 | Self::Gap { .. }
+                | Self::ExecutorGap { .. }
                 | Self::MissingRun { .. }
         )
     }

@@ -4,8 +4,10 @@
 //! Built so far (first slice of issue #3): the **jobs** projection (`read_jobs`, `read_runs`),
 //! its JetStream runner ([`runner::JobsProjection`]), [`rebuild::rebuild_into`] (a shadow copy
 //! from the event store), [`verify::verify`] (diff a rebuild against live) and
-//! [`swap::rebuild`] (rebuild beside live, catch up, swap in atomically). Still to come:
-//! executors & GPUs, GPU usage, leaderboards.
+//! [`swap::rebuild`] (rebuild beside live, catch up, swap in atomically); the **executors &
+//! GPUs** projection (`read_executors`, `read_gpus`; [`runner::ExecutorsProjection`], same
+//! runner, JetStream only so far: no rebuild/verify yet). Still to come: GPU usage,
+//! leaderboards.
 //!
 //! What it must not do: write events, or anything outside its read-model tables and
 //! `projection_checkpoints`. The events are the truth; every row here can be thrown away and
@@ -15,6 +17,7 @@
 
 pub mod config;
 pub mod error;
+pub mod executors;
 pub mod jobs;
 pub mod rebuild;
 pub mod runner;
@@ -23,6 +26,6 @@ pub mod verify;
 
 pub use error::ProjectionError;
 pub use rebuild::{Cursor, rebuild_into, rebuild_into_until};
-pub use runner::{JobsProjection, Outcome};
+pub use runner::{ExecutorsProjection, JobsProjection, Outcome, Projection};
 pub use swap::{RebuildOptions, RebuildSummary, rebuild};
 pub use verify::{Difference, VerifyReport, verify};

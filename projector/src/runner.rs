@@ -1,5 +1,9 @@
-//! The jobs projection's runner: a durable JetStream pull consumer whose batches are applied in
+//! The projections' runner: a durable JetStream pull consumer whose batches are applied in
 //! one Postgres transaction together with the checkpoint, then acked.
+//!
+//! One runner serves every projection: a [`Projection`] says its name (checkpoint row), its
+//! consumer, its filter subject, its locks and how to apply one envelope. [`JobsProjection`]
+//! and [`ExecutorsProjection`] are the runner with the jobs and the executors projections.
 //!
 //! - **Exactly-once effect.** Rows and checkpoint commit together. A message whose stream
 //!   sequence is at most the checkpoint's was applied before (crash between commit and ack):
@@ -40,7 +44,102 @@ use crate::error::ProjectionError;
 use crate::jobs::{self, Applied, EventMeta};
 use crate::rebuild::Cursor;
 
-/// The durable consumer's name.
+/// What the runner needs to know of one projection.
+pub trait Projection: Send + Sync + 'static {
+    /// Its row in `projection_checkpoints` (and its name in logs).
+    fn name(&self) -> &'static str;
+    /// The durable JetStream consumer's name.
+    fn consumer(&self) -> &'static str;
+    /// The consumer's filter subject (one: nats-server 2.9).
+    fn filter_subject(&self) -> &'static str;
+    /// Session advisory lock key of its runner (one runner per database).
+    fn leader_lock(&self) -> i64;
+    /// Transaction advisory lock taken shared by every batch, exclusively by a swap.
+    fn swap_lock(&self) -> i64;
+    /// Decodes (upcasting old versions) and applies one envelope in the batch's transaction.
+    /// An event type the projection does not need but knows is `AlreadyApplied`; one it does
+    /// not know is an error, never skipped.
+    fn apply(
+        &self,
+        conn: &mut PgConnection,
+        envelope: &EventEnvelope,
+    ) -> impl Future<Output = Result<Applied, ProjectionError>> + Send;
+}
+
+/// The jobs projection (`read_jobs`, `read_runs`): job events only.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Jobs;
+
+impl Projection for Jobs {
+    fn name(&self) -> &'static str {
+        jobs::NAME
+    }
+    fn consumer(&self) -> &'static str {
+        CONSUMER
+    }
+    fn filter_subject(&self) -> &'static str {
+        FILTER
+    }
+    fn leader_lock(&self) -> i64 {
+        LEADER_LOCK
+    }
+    fn swap_lock(&self) -> i64 {
+        SWAP_LOCK
+    }
+    async fn apply(
+        &self,
+        conn: &mut PgConnection,
+        envelope: &EventEnvelope,
+    ) -> Result<Applied, ProjectionError> {
+        apply_envelope(conn, envelope).await
+    }
+}
+
+/// The executors & GPUs projection (`read_executors`, `read_gpus`): executor events and the
+/// job events that take or release GPUs, so it reads the whole stream, in commit order.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Executors;
+
+/// The executors projection's durable consumer.
+pub const EXECUTORS_CONSUMER: &str = "projector-executors";
+/// Every event: executor and job events interleaved in commit order (one filter subject).
+pub const EXECUTORS_FILTER: &str = "overfly.events.>";
+/// Advisory lock key of the executors projection's runner (`…7904` is `swap::REBUILD_LOCK`).
+pub const EXECUTORS_LEADER_LOCK: i64 = 0x6f76_6572_666c_7905;
+/// Swap lock of the executors projection (no rebuild swaps it yet; batches take it anyway).
+pub const EXECUTORS_SWAP_LOCK: i64 = 0x6f76_6572_666c_7906;
+
+impl Projection for Executors {
+    fn name(&self) -> &'static str {
+        crate::executors::NAME
+    }
+    fn consumer(&self) -> &'static str {
+        EXECUTORS_CONSUMER
+    }
+    fn filter_subject(&self) -> &'static str {
+        EXECUTORS_FILTER
+    }
+    fn leader_lock(&self) -> i64 {
+        EXECUTORS_LEADER_LOCK
+    }
+    fn swap_lock(&self) -> i64 {
+        EXECUTORS_SWAP_LOCK
+    }
+    async fn apply(
+        &self,
+        conn: &mut PgConnection,
+        envelope: &EventEnvelope,
+    ) -> Result<Applied, ProjectionError> {
+        crate::executors::apply_envelope(conn, envelope).await
+    }
+}
+
+/// The jobs projection, fed from JetStream.
+pub type JobsProjection = Runner<Jobs>;
+/// The executors & GPUs projection, fed from JetStream.
+pub type ExecutorsProjection = Runner<Executors>;
+
+/// The jobs projection's durable consumer.
 pub const CONSUMER: &str = "projector-jobs";
 /// Advisory lock key of the jobs projection's runner (one per database): "overfly-proj-jobs".
 pub const LEADER_LOCK: i64 = 0x6f76_6572_666c_7902;
@@ -79,8 +178,9 @@ impl Default for RunnerConfig {
     }
 }
 
-/// The jobs projection, fed from JetStream.
-pub struct JobsProjection {
+/// A projection fed from JetStream.
+pub struct Runner<P: Projection> {
+    projection: P,
     pool: PgPool,
     jetstream: jetstream::Context,
     config: RunnerConfig,
@@ -162,9 +262,21 @@ pub(crate) struct Last {
     pub stream_sequence: i64,
 }
 
-impl JobsProjection {
+impl<P: Projection + Default> Runner<P> {
     pub fn new(pool: PgPool, nats: async_nats::Client, config: RunnerConfig) -> Self {
+        Self::with(P::default(), pool, nats, config)
+    }
+}
+
+impl<P: Projection> Runner<P> {
+    pub fn with(
+        projection: P,
+        pool: PgPool,
+        nats: async_nats::Client,
+        config: RunnerConfig,
+    ) -> Self {
         Self {
+            projection,
             pool,
             jetstream: jetstream::new(nats),
             config,
@@ -177,7 +289,7 @@ impl JobsProjection {
 
     /// Fetches one batch (without waiting), applies it with the checkpoint in one transaction,
     /// commits, then acks.
-    #[tracing::instrument(name = "projector.jobs.step", skip_all)]
+    #[tracing::instrument(name = "projector.step", skip_all, fields(projection = self.projection.name()))]
     pub async fn step(&mut self) -> Result<Outcome, ProjectionError> {
         let result = self.try_step().await;
         if let Err(error) = &result {
@@ -185,8 +297,10 @@ impl JobsProjection {
             self.consumer = None;
             self.leader = None;
             if error.is_poison() {
-                tracing::error!(error = %error, "jobs projection stopped");
-                if let Err(e) = record_error(&self.pool, &error.to_string()).await {
+                tracing::error!(error = %error, projection = self.projection.name(), "projection stopped");
+                if let Err(e) =
+                    record_error(&self.pool, self.projection.name(), &error.to_string()).await
+                {
                     tracing::warn!(error = %e, "could not record the projection's error");
                 }
             }
@@ -205,7 +319,12 @@ impl JobsProjection {
                     tokio::time::sleep(self.config.idle_wait).await;
                 }
                 Err(error) => {
-                    tracing::warn!(error = %error, retry_in = ?backoff, "jobs projection step failed");
+                    tracing::warn!(
+                        error = %error,
+                        projection = self.projection.name(),
+                        retry_in = ?backoff,
+                        "projection step failed"
+                    );
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(30));
                 }
@@ -265,11 +384,11 @@ impl JobsProjection {
         let mut tx = conn.begin().await.map_err(at_start)?;
         // Waits while a rebuild swaps the tables in (then reads its checkpoint below).
         sqlx::query("SELECT pg_advisory_xact_lock_shared($1)")
-            .bind(SWAP_LOCK)
+            .bind(self.projection.swap_lock())
             .execute(&mut *tx)
             .await
             .map_err(at_start)?;
-        let checkpoint = load_checkpoint(&mut tx, jobs::NAME)
+        let checkpoint = load_checkpoint(&mut tx, self.projection.name())
             .await
             .map_err(at_start)?
             .unwrap_or_default();
@@ -278,7 +397,7 @@ impl JobsProjection {
         let mut sequence = done;
         let mut applied = 0;
         for (index, message) in messages.iter().enumerate() {
-            match apply_message(&mut tx, message, done, cursor)
+            match apply_message(&self.projection, &mut tx, message, done, cursor)
                 .await
                 .map_err(|e| (index, e))?
             {
@@ -307,7 +426,7 @@ impl JobsProjection {
                 position: cursor.position,
                 stream_sequence: sequence,
             };
-            store_checkpoint(&mut tx, jobs::NAME, &last, applied)
+            store_checkpoint(&mut tx, self.projection.name(), &last, applied)
                 .await
                 .map_err(at_end)?;
         }
@@ -323,12 +442,15 @@ impl JobsProjection {
         if self.leader.is_none() {
             let mut conn = self.pool.acquire().await?.detach();
             let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
-                .bind(LEADER_LOCK)
+                .bind(self.projection.leader_lock())
                 .fetch_one(&mut conn)
                 .await?;
             if !locked {
                 if !self.standing_by {
-                    tracing::info!("another runner holds the jobs projection; standing by");
+                    tracing::info!(
+                        projection = self.projection.name(),
+                        "another runner holds the projection; standing by"
+                    );
                     self.standing_by = true;
                 }
                 return Ok(None);
@@ -348,7 +470,7 @@ impl JobsProjection {
             Err(e) => return Err(ProjectionError::nats(e)),
         };
         let conn = self.leader.as_mut().expect("the lock was taken above");
-        let done = load_checkpoint(conn, jobs::NAME)
+        let done = load_checkpoint(conn, self.projection.name())
             .await?
             .map_or(0, |c| c.stream_sequence);
         let deliver_policy = if done == 0 {
@@ -358,7 +480,8 @@ impl JobsProjection {
                 start_sequence: u64::try_from(done).unwrap_or(0) + 1,
             }
         };
-        match stream.delete_consumer(CONSUMER).await {
+        let name = self.projection.consumer();
+        match stream.delete_consumer(name).await {
             Ok(_) => {}
             Err(e)
                 if matches!(e.kind(), jetstream::stream::ConsumerErrorKind::JetStream(js)
@@ -367,18 +490,21 @@ impl JobsProjection {
         }
         let consumer = stream
             .create_consumer(consumer::pull::Config {
-                durable_name: Some(CONSUMER.to_string()),
-                description: Some("jobs projection (overfly-projector)".to_string()),
+                durable_name: Some(name.to_string()),
+                description: Some(format!(
+                    "{} projection (overfly-projector)",
+                    self.projection.name()
+                )),
                 deliver_policy,
                 ack_policy: consumer::AckPolicy::Explicit,
                 ack_wait: Duration::from_secs(30),
-                filter_subject: FILTER.to_string(),
+                filter_subject: self.projection.filter_subject().to_string(),
                 ..Default::default()
             })
             .await
             .map_err(ProjectionError::nats)?;
         tracing::info!(
-            consumer = CONSUMER,
+            consumer = name,
             from_stream_sequence = done + 1,
             "consumer positioned"
         );
@@ -406,6 +532,7 @@ struct Sent {
 /// Applies one message unless its stream sequence is at most `done` or its cursor at most
 /// `covered`.
 async fn apply_message(
+    projection: &impl Projection,
     conn: &mut PgConnection,
     message: &jetstream::Message,
     done: i64,
@@ -440,7 +567,7 @@ async fn apply_message(
     if cursor <= covered {
         return Ok(Handled::Covered { stream_sequence });
     }
-    let applied = apply_envelope(conn, &envelope).await?;
+    let applied = projection.apply(conn, &envelope).await?;
     let last = Sent {
         cursor,
         stream_sequence,
@@ -455,7 +582,7 @@ async fn ack(messages: &[jetstream::Message]) -> Result<(), ProjectionError> {
     Ok(())
 }
 
-/// Decodes (upcasting old versions) and applies one envelope.
+/// Decodes (upcasting old versions) and applies one envelope to the jobs projection.
 pub async fn apply_envelope(
     conn: &mut PgConnection,
     envelope: &EventEnvelope,
@@ -481,14 +608,36 @@ pub async fn apply_envelope(
 }
 
 /// Writes why the projection stopped (outside the rolled-back batch).
-async fn record_error(pool: &PgPool, error: &str) -> Result<(), sqlx::Error> {
+async fn record_error(pool: &PgPool, projection: &str, error: &str) -> Result<(), sqlx::Error> {
     sqlx::query(
         "INSERT INTO projection_checkpoints (projection, last_error) VALUES ($1, $2)
          ON CONFLICT (projection) DO UPDATE SET last_error = EXCLUDED.last_error, updated_at = now()",
     )
-    .bind(jobs::NAME)
+    .bind(projection)
     .bind(error)
     .execute(pool)
     .await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn advisory_lock_keys_are_distinct() {
+        // The relay's leader lock (command-service) is `…7901`.
+        let keys = [
+            0x6f76_6572_666c_7901,
+            LEADER_LOCK,
+            SWAP_LOCK,
+            crate::swap::REBUILD_LOCK,
+            EXECUTORS_LEADER_LOCK,
+            EXECUTORS_SWAP_LOCK,
+        ];
+        let distinct: std::collections::HashSet<i64> = keys.into_iter().collect();
+        assert_eq!(distinct.len(), keys.len());
+        assert_ne!(Jobs.consumer(), Executors.consumer());
+        assert_ne!(Jobs.name(), Executors.name());
+    }
 }

@@ -12,6 +12,7 @@ use uuid::Uuid;
 use overfly_http::ApiError;
 
 use crate::as_of;
+use crate::executors::{self, ExecutorDetail, ExecutorSummary, Gpu};
 use crate::history::{self, HistoryEvent};
 use crate::jobs::{self, Cursor, Filter, JobDetail, JobSummary};
 
@@ -19,6 +20,8 @@ use crate::jobs::{self, Cursor, Filter, JobDetail, JobSummary};
 enum Tag {
     /// Jobs and their runs, from the read models.
     Jobs,
+    /// Executors, their GPUs and which run holds each GPU, from the read models.
+    Executors,
     /// The event store's history of any job or executor.
     Audit,
     /// Liveness and readiness.
@@ -182,6 +185,58 @@ impl QueryApi {
         detail
             .map(Json)
             .ok_or_else(|| ApiError::not_found(format!("job {job_id} not found")))
+    }
+
+    /// List executors by id, optionally in one state.
+    #[oai(path = "/executors", method = "get", tag = "Tag::Executors")]
+    async fn list_executors(
+        &self,
+        /// registered, active, draining, lost or gone.
+        state: Query<Option<String>>,
+    ) -> Result<Json<Vec<ExecutorSummary>>, ApiError> {
+        if let Some(state) = &state.0
+            && !executors::STATES.contains(&state.as_str())
+        {
+            return Err(bad(
+                "state",
+                format!("unknown state {state:?}; one of {:?}", executors::STATES),
+            ));
+        }
+        let items = executors::list(&self.pool, state.0.as_deref())
+            .await
+            .map_err(store_error)?;
+        Ok(Json(items))
+    }
+
+    /// One executor with its GPU inventory and the run holding each GPU.
+    #[oai(
+        path = "/executors/:executor_id",
+        method = "get",
+        tag = "Tag::Executors"
+    )]
+    async fn get_executor(
+        &self,
+        executor_id: Path<String>,
+    ) -> Result<Json<ExecutorDetail>, ApiError> {
+        executors::get(&self.pool, &executor_id)
+            .await
+            .map_err(store_error)?
+            .map(Json)
+            .ok_or_else(|| ApiError::not_found(format!("executor {} not found", executor_id.0)))
+    }
+
+    /// List GPUs by executor and index, optionally of one executor, free or held.
+    #[oai(path = "/gpus", method = "get", tag = "Tag::Executors")]
+    async fn list_gpus(
+        &self,
+        executor_id: Query<Option<String>>,
+        /// `true`: only GPUs no run holds; `false`: only held ones.
+        free: Query<Option<bool>>,
+    ) -> Result<Json<Vec<Gpu>>, ApiError> {
+        let gpus = executors::gpus(&self.pool, executor_id.0.as_deref(), free.0)
+            .await
+            .map_err(store_error)?;
+        Ok(Json(gpus))
     }
 
     /// Every event of a job, in order, with who, when, why and its trace.

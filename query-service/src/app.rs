@@ -15,7 +15,8 @@ use crate::config::Config;
 pub fn openapi(api: QueryApi) -> OpenApiService<QueryApi, ()> {
     OpenApiService::new(api, "Overfly query API", env!("CARGO_PKG_VERSION")).description(
         "Read side of Overfly: jobs and runs from the read models (with read-your-writes via \
-         `min_position`), and the audit history of any job or executor from the event store.",
+         `min_position`), executors and their GPUs (which run holds each), and the audit history of any job or \
+         executor from the event store.",
     )
 }
 

@@ -1,6 +1,6 @@
-//! Overfly's read API: jobs and runs from the read models the projector keeps, with
-//! read-your-writes (`min_position`); the audit history of any job or executor and the state
-//! of a job at any past instant, straight from the event store.
+//! Overfly's read API: jobs and runs, executors and GPUs from the read models the projector
+//! keeps, with read-your-writes (`min_position`) for jobs; the audit history of any job or
+//! executor and the state of a job at any past instant, straight from the event store.
 //!
 //! It never writes: not events, not read models.
 
@@ -9,5 +9,6 @@ pub mod app;
 mod as_of;
 pub mod cli;
 pub mod config;
+pub mod executors;
 pub mod history;
 pub mod jobs;

@@ -9,8 +9,8 @@ use async_nats::jetstream;
 use clap::Parser;
 use overfly_command_service::app::Application;
 use overfly_command_service::config::Cli;
-use overfly_projector::runner::{JobsProjection, RunnerConfig};
-use overfly_projector::{Outcome, ProjectionError};
+use overfly_projector::runner::{ExecutorsProjection, JobsProjection, Runner, RunnerConfig};
+use overfly_projector::{Outcome, Projection, ProjectionError};
 use serde_json::{Value, json};
 use sqlx::PgPool;
 use tokio::sync::oneshot;
@@ -43,6 +43,9 @@ pub async fn spawn_app() -> TestApp {
         &nats.url(),
         "--addr",
         "127.0.0.1:0",
+        // Automatic retries after 1 s (not 10), so a test can wait out a backoff.
+        "--retry-base-s",
+        "1",
     ]);
     let app = Application::build(&cli.config).await.expect("app builds");
     let addr = app.local_addr();
@@ -192,12 +195,18 @@ impl TestApp {
         JobsProjection::new(self.pool.clone(), client, config)
     }
 
+    pub async fn executors_projection(&self) -> ExecutorsProjection {
+        let client = async_nats::connect(self.nats.url()).await.unwrap();
+        ExecutorsProjection::new(self.pool.clone(), client, RunnerConfig::default())
+    }
+
     /// Every row of `table` (in `schema`) as JSON, in key order.
     pub async fn rows(&self, schema: &str, table: &str) -> Vec<Value> {
-        let key = if table == "read_runs" {
-            "run_id"
-        } else {
-            "job_id"
+        let key = match table {
+            "read_runs" => "run_id",
+            "read_executors" => "executor_id",
+            "read_gpus" => "gpu_uuid",
+            _ => "job_id",
         };
         sqlx::query_scalar(&format!(
             "SELECT to_jsonb(t) FROM {schema}.{table} t ORDER BY {key}"
@@ -268,7 +277,7 @@ impl TestApp {
 }
 
 /// Steps until idle; the number of messages processed.
-pub async fn drain(projection: &mut JobsProjection) -> Result<usize, ProjectionError> {
+pub async fn drain<P: Projection>(projection: &mut Runner<P>) -> Result<usize, ProjectionError> {
     let mut total = 0;
     loop {
         match projection.step().await? {

@@ -1,11 +1,11 @@
-//! A whole Overfly in one test process: command service (with its relay), the jobs projection
-//! and the query service, over a fresh database and a real nats-server.
+//! A whole Overfly in one test process: command service (with its relay), the jobs and the
+//! executors projections and the query service, over a fresh database and a real nats-server.
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use clap::Parser;
-use overfly_projector::{JobsProjection, runner::RunnerConfig};
+use overfly_projector::{ExecutorsProjection, JobsProjection, runner::RunnerConfig};
 use overfly_testkit::{TestDb, TestNats};
 use serde_json::{Value, json};
 use sqlx::PgPool;
@@ -49,6 +49,9 @@ pub async fn spawn_stack_with(wait_ms: u64) -> Stack {
         &nats.url(),
         "--addr",
         "127.0.0.1:0",
+        // Automatic retries after 1 s (not 10), so a test can wait out a backoff.
+        "--retry-base-s",
+        "1",
     ]);
     let command_app = overfly_command_service::app::Application::build(&command_cli.config)
         .await
@@ -73,6 +76,11 @@ pub async fn spawn_stack_with(wait_ms: u64) -> Stack {
         async_nats::connect(nats.url()).await.unwrap(),
         RunnerConfig::default(),
     );
+    let executors = ExecutorsProjection::new(
+        pool.clone(),
+        async_nats::connect(nats.url()).await.unwrap(),
+        RunnerConfig::default(),
+    );
     let tasks = vec![
         tokio::spawn(async move {
             let _ = command_app.run_until(std::future::pending()).await;
@@ -81,6 +89,7 @@ pub async fn spawn_stack_with(wait_ms: u64) -> Stack {
             let _ = query_app.run_until(std::future::pending()).await;
         }),
         tokio::spawn(projection.run()),
+        tokio::spawn(executors.run()),
     ];
     Stack {
         command,
@@ -152,6 +161,24 @@ impl Stack {
             headers,
             response.json().await.unwrap_or(Value::Null),
         )
+    }
+
+    /// Waits until the executors projection has applied the event at `position` (commands
+    /// issued one after another commit in position order).
+    pub async fn wait_for_executors(&self, position: i64) {
+        for _ in 0..600 {
+            let applied: Option<i64> = sqlx::query_scalar(
+                "SELECT position FROM projection_checkpoints WHERE projection = 'executors'",
+            )
+            .fetch_optional(&self.pool)
+            .await
+            .unwrap();
+            if applied.is_some_and(|applied| applied >= position) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("the executors projection never reached position {position}");
     }
 
     /// Waits until the read model holds `count` jobs.

@@ -1,6 +1,7 @@
 //! Integration tests of the read side: the real command service writes, the relay publishes
-//! to a real nats-server, the jobs projection consumes, and the query service answers.
+//! to a real nats-server, the jobs and executors projections consume, and the query service answers.
 
+mod executors;
 mod helpers;
 mod history;
 mod jobs;
