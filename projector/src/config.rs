@@ -117,16 +117,24 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command.unwrap_or(Command::Run) {
         Command::Run => {
             let nats = overfly_infra::nats::connect(&config.nats_url, "overfly-projector").await?;
-            // Two runners on tasks of their own, each with its own consumer, checkpoint and
-            // lock. `run` returns only by panicking: then the process exits with the error.
+            // Three runners (jobs, executors, usage) on tasks of their own, each with its own
+            // consumer, checkpoint and lock. `run` returns only by panicking: then the process
+            // exits with the error.
             let jobs =
                 crate::runner::JobsProjection::new(pool.clone(), nats.clone(), config.runner());
-            let executors = crate::runner::ExecutorsProjection::new(pool, nats, config.runner());
+            let executors = crate::runner::ExecutorsProjection::new(
+                pool.clone(),
+                nats.clone(),
+                config.runner(),
+            );
+            let usage = crate::runner::UsageProjection::new(pool, nats, config.runner());
             let mut jobs = tokio::spawn(jobs.run());
             let mut executors = tokio::spawn(executors.run());
+            let mut usage = tokio::spawn(usage.run());
             tokio::select! {
                 result = &mut jobs => result.context("the jobs projection's task")?,
                 result = &mut executors => result.context("the executors projection's task")?,
+                result = &mut usage => result.context("the usage projection's task")?,
                 result = tokio::signal::ctrl_c() => {
                     result.context("waiting for Ctrl-C")?;
                     tracing::info!("shutting down");

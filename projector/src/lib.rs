@@ -6,7 +6,8 @@
 //! from the event store), [`verify::verify`] (diff a rebuild against live) and
 //! [`swap::rebuild`] (rebuild beside live, catch up, swap in atomically); the **executors &
 //! GPUs** projection (`read_executors`, `read_gpus`; [`runner::ExecutorsProjection`], same
-//! runner, JetStream only so far: no rebuild/verify yet). Still to come: GPU usage,
+//! runner, JetStream only so far: no rebuild/verify yet); the **GPU usage** projection
+//! (`read_usage_runs`; [`runner::UsageProjection`], JetStream only too). Still to come:
 //! leaderboards.
 //!
 //! What it must not do: write events, or anything outside its read-model tables and
@@ -22,10 +23,11 @@ pub mod jobs;
 pub mod rebuild;
 pub mod runner;
 pub mod swap;
+pub mod usage;
 pub mod verify;
 
 pub use error::ProjectionError;
 pub use rebuild::{Cursor, rebuild_into, rebuild_into_until};
-pub use runner::{ExecutorsProjection, JobsProjection, Outcome, Projection};
+pub use runner::{ExecutorsProjection, JobsProjection, Outcome, Projection, UsageProjection};
 pub use swap::{RebuildOptions, RebuildSummary, rebuild};
 pub use verify::{Difference, VerifyReport, verify};

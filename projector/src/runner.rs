@@ -134,10 +134,49 @@ impl Projection for Executors {
     }
 }
 
+/// The GPU usage projection (`read_usage_runs` and its own job and GPU tables): job events
+/// and executor registrations, so it reads the whole stream, in commit order.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Usage;
+
+/// The usage projection's durable consumer.
+pub const USAGE_CONSUMER: &str = "projector-usage";
+/// Advisory lock key of the usage projection's runner.
+pub const USAGE_LEADER_LOCK: i64 = 0x6f76_6572_666c_7907;
+/// Swap lock of the usage projection (no rebuild swaps it yet; batches take it anyway).
+pub const USAGE_SWAP_LOCK: i64 = 0x6f76_6572_666c_7908;
+
+impl Projection for Usage {
+    fn name(&self) -> &'static str {
+        crate::usage::NAME
+    }
+    fn consumer(&self) -> &'static str {
+        USAGE_CONSUMER
+    }
+    fn filter_subject(&self) -> &'static str {
+        EXECUTORS_FILTER
+    }
+    fn leader_lock(&self) -> i64 {
+        USAGE_LEADER_LOCK
+    }
+    fn swap_lock(&self) -> i64 {
+        USAGE_SWAP_LOCK
+    }
+    async fn apply(
+        &self,
+        conn: &mut PgConnection,
+        envelope: &EventEnvelope,
+    ) -> Result<Applied, ProjectionError> {
+        crate::usage::apply_envelope(conn, envelope).await
+    }
+}
+
 /// The jobs projection, fed from JetStream.
 pub type JobsProjection = Runner<Jobs>;
 /// The executors & GPUs projection, fed from JetStream.
 pub type ExecutorsProjection = Runner<Executors>;
+/// The GPU usage projection, fed from JetStream.
+pub type UsageProjection = Runner<Usage>;
 
 /// The jobs projection's durable consumer.
 pub const CONSUMER: &str = "projector-jobs";
@@ -634,10 +673,18 @@ mod tests {
             crate::swap::REBUILD_LOCK,
             EXECUTORS_LEADER_LOCK,
             EXECUTORS_SWAP_LOCK,
+            USAGE_LEADER_LOCK,
+            USAGE_SWAP_LOCK,
         ];
         let distinct: std::collections::HashSet<i64> = keys.into_iter().collect();
         assert_eq!(distinct.len(), keys.len());
         assert_ne!(Jobs.consumer(), Executors.consumer());
         assert_ne!(Jobs.name(), Executors.name());
+        let consumers = [Jobs.consumer(), Executors.consumer(), Usage.consumer()];
+        let names = [Jobs.name(), Executors.name(), Usage.name()];
+        for list in [consumers, names] {
+            let distinct: std::collections::HashSet<&str> = list.into_iter().collect();
+            assert_eq!(distinct.len(), list.len());
+        }
     }
 }

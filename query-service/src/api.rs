@@ -15,6 +15,7 @@ use crate::as_of;
 use crate::executors::{self, ExecutorDetail, ExecutorSummary, Gpu};
 use crate::history::{self, HistoryEvent};
 use crate::jobs::{self, Cursor, Filter, JobDetail, JobSummary};
+use crate::usage::{self, AccountUsage, Granularity, Leaderboard};
 
 #[derive(Tags)]
 enum Tag {
@@ -22,6 +23,8 @@ enum Tag {
     Jobs,
     /// Executors, their GPUs and which run holds each GPU, from the read models.
     Executors,
+    /// GPU time allocated per account, user and GPU model, and the GPU-hours leaderboard.
+    Usage,
     /// The event store's history of any job or executor.
     Audit,
     /// Liveness and readiness.
@@ -237,6 +240,91 @@ impl QueryApi {
             .await
             .map_err(store_error)?;
         Ok(Json(gpus))
+    }
+
+    /// GPU-seconds one account was allocated over `[from, to)`, per hour or day bucket, per
+    /// user and per GPU model.
+    ///
+    /// Each started run counts `gpu_count` GPUs from its start to its end (a running run up to
+    /// now), clipped to each bucket. Buckets are UTC hours or days.
+    #[oai(path = "/usage/accounts/:account", method = "get", tag = "Tag::Usage")]
+    async fn account_usage(
+        &self,
+        account: Path<String>,
+        /// RFC 3339; default: 7 days before `to`.
+        from: Query<Option<DateTime<Utc>>>,
+        /// RFC 3339, exclusive; default: now.
+        to: Query<Option<DateTime<Utc>>>,
+        /// `hour` or `day` (default).
+        granularity: Query<Option<String>>,
+    ) -> Result<Json<AccountUsage>, ApiError> {
+        let granularity = match granularity.0.as_deref() {
+            None => Granularity::Day,
+            Some(text) => Granularity::parse(text)
+                .ok_or_else(|| bad("granularity", format!("expected hour or day, got {text:?}")))?,
+        };
+        let now = Utc::now();
+        let to = to.0.unwrap_or(now);
+        let from = from.0.unwrap_or(to - usage::DEFAULT_WINDOW);
+        if from >= to {
+            return Err(bad(
+                "from",
+                format!("from ({from}) must be before to ({to})"),
+            ));
+        }
+        let buckets = granularity.buckets(from, to);
+        if buckets > usage::MAX_BUCKETS {
+            return Err(bad(
+                "from",
+                format!(
+                    "the window spans {buckets} {} buckets, at most {} are answered: narrow \
+                     from/to or use a coarser granularity",
+                    granularity.name(),
+                    usage::MAX_BUCKETS
+                ),
+            ));
+        }
+        let answer = usage::account(&self.pool, &account, from, to, granularity, now)
+            .await
+            .map_err(store_error)?;
+        Ok(Json(answer))
+    }
+
+    /// Accounts ranked by the GPU-hours they were allocated in the last `window` hours.
+    #[oai(path = "/usage/leaderboard", method = "get", tag = "Tag::Usage")]
+    async fn usage_leaderboard(
+        &self,
+        /// Hours before now, 1 to 8784 (default 168: a week).
+        window: Query<Option<i64>>,
+        /// What to rank by: `gpu_hours` (default; the only one so far).
+        by: Query<Option<String>>,
+        /// 1 to 500 (default 50).
+        limit: Query<Option<i64>>,
+    ) -> Result<Json<Leaderboard>, ApiError> {
+        match by.0.as_deref() {
+            None | Some("gpu_hours") => {}
+            Some(other) => {
+                return Err(bad("by", format!("expected gpu_hours, got {other:?}")));
+            }
+        }
+        let window = window.0.unwrap_or(usage::DEFAULT_WINDOW_HOURS);
+        if !(1..=usage::MAX_WINDOW_HOURS).contains(&window) {
+            return Err(bad(
+                "window",
+                format!("must be between 1 and {} hours", usage::MAX_WINDOW_HOURS),
+            ));
+        }
+        let limit = limit.0.unwrap_or(usage::DEFAULT_LIMIT);
+        if !(1..=usage::MAX_LIMIT).contains(&limit) {
+            return Err(bad(
+                "limit",
+                format!("must be between 1 and {}", usage::MAX_LIMIT),
+            ));
+        }
+        let answer = usage::leaderboard(&self.pool, window, limit, Utc::now())
+            .await
+            .map_err(store_error)?;
+        Ok(Json(answer))
     }
 
     /// Every event of a job, in order, with who, when, why and its trace.

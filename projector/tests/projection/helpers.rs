@@ -9,7 +9,9 @@ use async_nats::jetstream;
 use clap::Parser;
 use overfly_command_service::app::Application;
 use overfly_command_service::config::Cli;
-use overfly_projector::runner::{ExecutorsProjection, JobsProjection, Runner, RunnerConfig};
+use overfly_projector::runner::{
+    ExecutorsProjection, JobsProjection, Runner, RunnerConfig, UsageProjection,
+};
 use overfly_projector::{Outcome, Projection, ProjectionError};
 use serde_json::{Value, json};
 use sqlx::PgPool;
@@ -200,12 +202,18 @@ impl TestApp {
         ExecutorsProjection::new(self.pool.clone(), client, RunnerConfig::default())
     }
 
+    pub async fn usage_projection(&self) -> UsageProjection {
+        let client = async_nats::connect(self.nats.url()).await.unwrap();
+        UsageProjection::new(self.pool.clone(), client, RunnerConfig::default())
+    }
+
     /// Every row of `table` (in `schema`) as JSON, in key order.
     pub async fn rows(&self, schema: &str, table: &str) -> Vec<Value> {
         let key = match table {
             "read_runs" => "run_id",
             "read_executors" => "executor_id",
-            "read_gpus" => "gpu_uuid",
+            "read_gpus" | "read_usage_gpus" => "gpu_uuid",
+            "read_usage_runs" => "run_id",
             _ => "job_id",
         };
         sqlx::query_scalar(&format!(

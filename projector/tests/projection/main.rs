@@ -3,6 +3,7 @@
 mod audit;
 mod executors;
 mod helpers;
+mod usage;
 
 use std::time::Duration;
 

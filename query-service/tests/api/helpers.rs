@@ -1,11 +1,13 @@
-//! A whole Overfly in one test process: command service (with its relay), the jobs and the
-//! executors projections and the query service, over a fresh database and a real nats-server.
+//! A whole Overfly in one test process: command service (with its relay), the jobs, executors
+//! and usage projections and the query service, over a fresh database and a real nats-server.
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use clap::Parser;
-use overfly_projector::{ExecutorsProjection, JobsProjection, runner::RunnerConfig};
+use overfly_projector::{
+    ExecutorsProjection, JobsProjection, UsageProjection, runner::RunnerConfig,
+};
 use overfly_testkit::{TestDb, TestNats};
 use serde_json::{Value, json};
 use sqlx::PgPool;
@@ -83,6 +85,11 @@ pub async fn spawn_stack_with(wait_ms: u64) -> Stack {
         async_nats::connect(nats.url()).await.unwrap(),
         RunnerConfig::default(),
     );
+    let usage = UsageProjection::new(
+        pool.clone(),
+        async_nats::connect(nats.url()).await.unwrap(),
+        RunnerConfig::default(),
+    );
     let tasks = vec![
         tokio::spawn(async move {
             let _ = command_app.run_until(std::future::pending()).await;
@@ -92,6 +99,7 @@ pub async fn spawn_stack_with(wait_ms: u64) -> Stack {
         }),
         tokio::spawn(projection.run()),
         tokio::spawn(executors.run()),
+        tokio::spawn(usage.run()),
     ];
     Stack {
         command,
@@ -168,10 +176,20 @@ impl Stack {
     /// Waits until the executors projection has applied the event at `position` (commands
     /// issued one after another commit in position order).
     pub async fn wait_for_executors(&self, position: i64) {
+        self.wait_for_projection("executors", position).await;
+    }
+
+    /// Waits until the usage projection has applied the event at `position`.
+    pub async fn wait_for_usage(&self, position: i64) {
+        self.wait_for_projection("usage", position).await;
+    }
+
+    async fn wait_for_projection(&self, projection: &str, position: i64) {
         for _ in 0..600 {
             let applied: Option<i64> = sqlx::query_scalar(
-                "SELECT position FROM projection_checkpoints WHERE projection = 'executors'",
+                "SELECT position FROM projection_checkpoints WHERE projection = $1",
             )
+            .bind(projection)
             .fetch_optional(&self.pool)
             .await
             .unwrap();
@@ -180,7 +198,7 @@ impl Stack {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        panic!("the executors projection never reached position {position}");
+        panic!("the {projection} projection never reached position {position}");
     }
 
     /// Waits until the read model holds `count` jobs.

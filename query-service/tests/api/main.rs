@@ -1,8 +1,10 @@
 //! Integration tests of the read side: the real command service writes, the relay publishes
-//! to a real nats-server, the jobs and executors projections consume, and the query service answers.
+//! to a real nats-server, the jobs, executors and usage projections consume, and the query
+//! service answers.
 
 mod executors;
 mod helpers;
 mod history;
 mod jobs;
 mod openapi;
+mod usage;
