@@ -26,40 +26,13 @@ use crate::jobs::{self, Applied, EventMeta};
 pub const NAME: &str = "executors";
 
 /// Turns a stored or published executor payload of any known version into the current
-/// `ExecutorEvent`. Upcasters go here, as in [`jobs::decode`].
+/// `ExecutorEvent` (upcasters live in `crate::decode`).
 pub fn decode(
     event_type: &str,
     event_version: &str,
     payload: &serde_json::Value,
 ) -> Result<ExecutorEvent, ProjectionError> {
-    if !ExecutorEvent::TYPES.contains(&event_type) {
-        return Err(ProjectionError::UnknownEventType {
-            event_type: event_type.to_string(),
-            event_version: event_version.to_string(),
-        });
-    }
-    let tagged = payload
-        .as_object()
-        .is_some_and(|object| object.len() == 1 && object.contains_key(event_type));
-    if !tagged {
-        return Err(ProjectionError::Malformed {
-            event_type: event_type.to_string(),
-            reason: format!("payload is not {{\"{event_type}\": {{…}}}}"),
-        });
-    }
-    let payload = match event_version {
-        overfly_domain::EVENT_VERSION_1 => payload.clone(),
-        _ => {
-            return Err(ProjectionError::UnknownEventVersion {
-                event_type: event_type.to_string(),
-                event_version: event_version.to_string(),
-            });
-        }
-    };
-    serde_json::from_value(payload).map_err(|e| ProjectionError::Malformed {
-        event_type: event_type.to_string(),
-        reason: e.to_string(),
-    })
+    crate::decode::decode(ExecutorEvent::TYPES, event_type, event_version, payload)
 }
 
 /// Decodes and applies one envelope of any aggregate type this projection knows.

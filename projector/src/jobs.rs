@@ -42,45 +42,13 @@ pub enum Applied {
 
 /// Turns a stored or published payload of any known version into the current `JobEvent`.
 ///
-/// This is where upcasters go: when `JobFoo` gets version 2, version "1" payloads are rewritten
-/// to the version 2 shape here (a `match` arm per old version) before deserializing. Nothing is
-/// ever skipped: an unknown type or version is an error that stops the projection.
+/// Upcasters live in `crate::decode`; an unknown type or version is an error, never skipped.
 pub fn decode(
     event_type: &str,
     event_version: &str,
     payload: &serde_json::Value,
 ) -> Result<JobEvent, ProjectionError> {
-    if !JobEvent::TYPES.contains(&event_type) {
-        return Err(ProjectionError::UnknownEventType {
-            event_type: event_type.to_string(),
-            event_version: event_version.to_string(),
-        });
-    }
-    let tagged = payload
-        .as_object()
-        .is_some_and(|object| object.len() == 1 && object.contains_key(event_type));
-    if !tagged {
-        return Err(ProjectionError::Malformed {
-            event_type: event_type.to_string(),
-            reason: format!("payload is not {{\"{event_type}\": {{…}}}}"),
-        });
-    }
-    let payload = match event_version {
-        overfly_domain::EVENT_VERSION_1 => payload.clone(),
-        // Old versions are upcast here, e.g. `"0" => upcast_v0_to_v1(event_type, payload)?`.
-        _ => {
-            return Err(ProjectionError::UnknownEventVersion {
-                event_type: event_type.to_string(),
-                event_version: event_version.to_string(),
-            });
-        }
-    };
-    let event: JobEvent =
-        serde_json::from_value(payload).map_err(|e| ProjectionError::Malformed {
-            event_type: event_type.to_string(),
-            reason: e.to_string(),
-        })?;
-    Ok(event)
+    crate::decode::decode(JobEvent::TYPES, event_type, event_version, payload)
 }
 
 pub fn job_state(state: JobState) -> &'static str {

@@ -17,6 +17,7 @@
 #![forbid(unsafe_code)]
 
 pub mod config;
+mod decode;
 pub mod error;
 pub mod executors;
 pub mod jobs;
