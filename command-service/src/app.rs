@@ -50,13 +50,13 @@ pub fn openapi_json() -> String {
 impl Application {
     pub async fn build(config: &Config) -> anyhow::Result<Self> {
         let pool = overfly_infra::db::connect(
-            &config.database_url,
+            &config.postgres.database_url,
             config.db_pool_size,
             Duration::from_secs(30),
         )
         .await?;
         overfly_infra::db::migrate(&pool).await?;
-        let nats = overfly_infra::nats::connect(&config.nats_url, "overfly-command").await?;
+        let nats = overfly_infra::nats::connect(&config.nats.nats_url, "overfly-command").await?;
         Self::build_with(config, pool, nats).await
     }
 

@@ -19,7 +19,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Relay => {
             tracing::info!(config = %config.describe(), "overfly-command relay");
             let pool = connect(&config).await?;
-            let nats = overfly_infra::nats::connect(&config.nats_url, "overfly-relay").await?;
+            let nats = overfly_infra::nats::connect(&config.nats.nats_url, "overfly-relay").await?;
             let relay = Relay::new(pool, nats, config.relay.clone(), Default::default());
             tokio::select! {
                 () = relay.run() => Ok(()),
@@ -30,7 +30,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             connect(&config).await?;
             println!(
                 "migrations applied to {}",
-                overfly_infra::db::redact_url(&config.database_url)
+                overfly_infra::db::redact_url(&config.postgres.database_url)
             );
             Ok(())
         }
@@ -43,13 +43,15 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 async fn connect(config: &Config) -> anyhow::Result<sqlx::PgPool> {
-    let pool = overfly_infra::db::connect(&config.database_url, 2, Duration::from_secs(30)).await?;
+    let pool =
+        overfly_infra::db::connect(&config.postgres.database_url, 2, Duration::from_secs(30))
+            .await?;
     overfly_infra::db::migrate(&pool).await?;
     Ok(pool)
 }
 
 async fn stream_info(config: &Config) -> anyhow::Result<()> {
-    let nats = async_nats::connect(&config.nats_url).await?;
+    let nats = async_nats::connect(&config.nats.nats_url).await?;
     let jetstream = async_nats::jetstream::new(nats);
     let mut stream = jetstream
         .get_stream(&config.relay.stream)
@@ -68,7 +70,8 @@ async fn stream_info(config: &Config) -> anyhow::Result<()> {
         "  sequences  {}..={}",
         info.state.first_sequence, info.state.last_sequence
     );
-    let pool = overfly_infra::db::connect(&config.database_url, 1, Duration::from_secs(5)).await?;
+    let pool = overfly_infra::db::connect(&config.postgres.database_url, 1, Duration::from_secs(5))
+        .await?;
     let mut conn = pool.acquire().await?;
     let position = relay::load_position(&mut conn, &config.relay.stream).await?;
     let events: i64 = sqlx::query_scalar("SELECT count(*) FROM events")

@@ -35,22 +35,10 @@ pub enum Command {
 
 #[derive(Debug, Clone, Args)]
 pub struct Config {
-    /// Postgres connection URL.
-    #[arg(
-        long,
-        env = "DATABASE_URL",
-        default_value = "postgres://postgres@127.0.0.1:5432/overfly",
-        global = true
-    )]
-    pub database_url: String,
-    /// NATS server URL.
-    #[arg(
-        long,
-        env = "NATS_URL",
-        default_value = "nats://127.0.0.1:4222",
-        global = true
-    )]
-    pub nats_url: String,
+    #[command(flatten)]
+    pub postgres: overfly_infra::config::Postgres,
+    #[command(flatten)]
+    pub nats: overfly_infra::config::Nats,
     /// Address the HTTP API listens on (port 0 picks a free port).
     #[arg(
         long,
@@ -154,8 +142,8 @@ impl Config {
     pub fn describe(&self) -> String {
         format!(
             "database_url={} nats_url={} addr={} db_pool_size={} relay_enabled={} retry_base_s={} retry_max_s={} relay_batch_size={} relay_poll_ms={} relay_linger_ms={} relay_stream={} otlp_endpoint={}",
-            overfly_infra::db::redact_url(&self.database_url),
-            overfly_infra::db::redact_url(&self.nats_url),
+            overfly_infra::db::redact_url(&self.postgres.database_url),
+            overfly_infra::db::redact_url(&self.nats.nats_url),
             self.addr,
             self.db_pool_size,
             self.relay_enabled,

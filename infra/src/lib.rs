@@ -3,6 +3,7 @@
 //!
 //! It holds no business logic and knows nothing of jobs or executors; keep it that way.
 
+pub mod config;
 pub mod db;
 pub mod nats;
 pub mod shutdown;

@@ -44,22 +44,10 @@ pub enum Command {
 
 #[derive(Debug, Clone, Args)]
 pub struct Config {
-    /// Postgres connection URL.
-    #[arg(
-        long,
-        env = "DATABASE_URL",
-        default_value = "postgres://postgres@127.0.0.1:5432/overfly",
-        global = true
-    )]
-    pub database_url: String,
-    /// NATS server URL.
-    #[arg(
-        long,
-        env = "NATS_URL",
-        default_value = "nats://127.0.0.1:4222",
-        global = true
-    )]
-    pub nats_url: String,
+    #[command(flatten)]
+    pub postgres: overfly_infra::config::Postgres,
+    #[command(flatten)]
+    pub nats: overfly_infra::config::Nats,
     /// JetStream stream holding the events.
     #[arg(long, env = "OVERFLY_EVENTS_STREAM", default_value = overfly_schemas::subjects::EVENTS_STREAM, global = true)]
     pub stream: String,
@@ -86,8 +74,8 @@ impl Config {
     pub fn describe(&self) -> String {
         format!(
             "database_url={} nats_url={} stream={} batch_size={} idle_ms={} otlp_endpoint={}",
-            overfly_infra::db::redact_url(&self.database_url),
-            overfly_infra::db::redact_url(&self.nats_url),
+            overfly_infra::db::redact_url(&self.postgres.database_url),
+            overfly_infra::db::redact_url(&self.nats.nats_url),
             self.stream,
             self.batch_size,
             self.idle_ms,
@@ -110,13 +98,17 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     let config = cli.config;
     println!("overfly-projector {}", config.describe());
     tracing::info!(config = %config.describe(), "starting");
-    let pool =
-        overfly_infra::db::connect(&config.database_url, 4, std::time::Duration::from_secs(30))
-            .await?;
+    let pool = overfly_infra::db::connect(
+        &config.postgres.database_url,
+        4,
+        std::time::Duration::from_secs(30),
+    )
+    .await?;
     overfly_infra::db::migrate(&pool).await?;
     match cli.command.unwrap_or(Command::Run) {
         Command::Run => {
-            let nats = overfly_infra::nats::connect(&config.nats_url, "overfly-projector").await?;
+            let nats =
+                overfly_infra::nats::connect(&config.nats.nats_url, "overfly-projector").await?;
             // Three runners (jobs, executors, usage) on tasks of their own, each with its own
             // consumer, checkpoint and lock. `run` returns only by panicking: then the process
             // exits with the error.

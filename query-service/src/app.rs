@@ -40,7 +40,7 @@ pub struct Application {
 impl Application {
     pub async fn build(config: &Config) -> anyhow::Result<Self> {
         let pool = overfly_infra::db::connect(
-            &config.database_url,
+            &config.postgres.database_url,
             config.db_pool_size,
             Duration::from_secs(30),
         )

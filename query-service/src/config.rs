@@ -28,14 +28,8 @@ pub enum Command {
 
 #[derive(Debug, Clone, Args)]
 pub struct Config {
-    /// Postgres connection URL.
-    #[arg(
-        long,
-        env = "DATABASE_URL",
-        default_value = "postgres://postgres@127.0.0.1:5432/overfly",
-        global = true
-    )]
-    pub database_url: String,
+    #[command(flatten)]
+    pub postgres: overfly_infra::config::Postgres,
     /// Address the HTTP API listens on (port 0 picks a free port).
     #[arg(
         long,
@@ -70,7 +64,7 @@ impl Config {
     pub fn describe(&self) -> String {
         format!(
             "database_url={} addr={} db_pool_size={} read_your_writes_wait_ms={} otlp_endpoint={}",
-            overfly_infra::db::redact_url(&self.database_url),
+            overfly_infra::db::redact_url(&self.postgres.database_url),
             self.addr,
             self.db_pool_size,
             self.read_your_writes_wait_ms,
