@@ -238,10 +238,12 @@ async fn apply_unchecked(
             metrics,
             ..
         } => {
-            // A report without a progress value keeps the last one.
+            // A report without a progress value keeps the last one; metrics merge, so each
+            // metric keeps its latest reported value (what the run leaderboards rank).
             run!(
                 run_id,
-                "last_progress = COALESCE($2, last_progress), last_metrics = $3, progress_at = $4",
+                "last_progress = COALESCE($2, last_progress),
+                 last_metrics = COALESCE(last_metrics, '{}'::jsonb) || $3, progress_at = $4",
                 progress,
                 json(metrics),
                 at,
