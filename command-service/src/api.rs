@@ -196,6 +196,39 @@ pub struct RunReport {
     pub executor_id: String,
 }
 
+/// The end of a run (success or timeout), from the executor that ran it.
+#[derive(Debug, Clone, Object, Deserialize)]
+#[oai(rename_all = "snake_case")]
+#[serde(deny_unknown_fields)]
+pub struct RunEnd {
+    pub executor_id: String,
+    /// How busy the run's GPUs were, from the executor's telemetry; omitted if it sampled none.
+    pub utilisation: Option<Utilisation>,
+}
+
+/// GPU utilisation over a run, summed over its GPUs.
+#[derive(Debug, Clone, Copy, Object, Deserialize)]
+#[oai(rename_all = "snake_case")]
+#[serde(deny_unknown_fields)]
+pub struct Utilisation {
+    /// GPU-seconds covered by telemetry samples.
+    pub gpu_seconds_sampled: f64,
+    /// GPU-seconds busy: each sample's utilisation (0..=1) × its interval; ≤ sampled.
+    pub gpu_seconds_busy: f64,
+    /// The highest memory use seen on any of its GPUs, in MiB.
+    pub peak_memory_mb: Option<u64>,
+}
+
+impl From<Utilisation> for overfly_domain::job::RunUtilisation {
+    fn from(u: Utilisation) -> Self {
+        Self {
+            gpu_seconds_sampled: u.gpu_seconds_sampled,
+            gpu_seconds_busy: u.gpu_seconds_busy,
+            peak_memory_mb: u.peak_memory_mb,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Object, Deserialize)]
 #[oai(rename_all = "snake_case")]
 #[serde(deny_unknown_fields)]
@@ -220,6 +253,8 @@ pub struct RunFailure {
     pub reason: String,
     /// Whether another attempt may succeed (e.g. the host died) or not (e.g. bad arguments).
     pub retryable: bool,
+    /// How busy the run's GPUs were, from the executor's telemetry; omitted if it sampled none.
+    pub utilisation: Option<Utilisation>,
 }
 
 #[derive(Debug, Clone, Object, Deserialize)]
@@ -565,8 +600,9 @@ impl CommandApi {
         req: &Request,
         job_id: Path<String>,
         run_id: Path<String>,
-        body: Body<RunReport>,
+        body: Body<RunEnd>,
     ) -> Answer {
+        let utilisation = body.0.utilisation.map(Into::into);
         self.report(
             req,
             &job_id,
@@ -575,6 +611,7 @@ impl CommandApi {
             |run_id, executor_id, at| JobCommand::ReportRunSucceeded {
                 run_id,
                 executor_id,
+                utilisation,
                 at,
             },
         )
@@ -600,7 +637,9 @@ impl CommandApi {
             signal,
             reason,
             retryable,
+            utilisation,
         } = body.0;
+        let utilisation = utilisation.map(Into::into);
         self.report(
             req,
             &job_id,
@@ -613,6 +652,7 @@ impl CommandApi {
                 signal,
                 reason,
                 retryable,
+                utilisation,
                 at,
             },
         )
@@ -630,8 +670,9 @@ impl CommandApi {
         req: &Request,
         job_id: Path<String>,
         run_id: Path<String>,
-        body: Body<RunReport>,
+        body: Body<RunEnd>,
     ) -> Answer {
+        let utilisation = body.0.utilisation.map(Into::into);
         self.report(
             req,
             &job_id,
@@ -640,6 +681,7 @@ impl CommandApi {
             |run_id, executor_id, at| JobCommand::ReportRunTimedOut {
                 run_id,
                 executor_id,
+                utilisation,
                 at,
             },
         )

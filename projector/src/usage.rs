@@ -8,6 +8,10 @@
 //! the executors projection; an unknown type or version stops it (decoding goes through the
 //! same `decode` functions that reject them).
 //!
+//! It also keeps each run's GPU utilisation as its end reported it (`gpu_seconds_sampled`,
+//! `gpu_seconds_busy`, from the executor's telemetry) and each job's outcome and end time, for
+//! the efficiency, jobs-succeeded and success-rate leaderboards.
+//!
 //! Idempotent: job events guard by the job's `version` in `read_usage_jobs` (a gap is an
 //! error, as for the jobs rows); GPU models are upserts. The runner's checkpoint is the primary
 //! guard against redelivery.
@@ -148,24 +152,60 @@ pub async fn apply_job(
         JobEvent::RunStarted { run_id, at, .. } => {
             close_or_start(conn, job_id, *run_id, "started_at", *at).await?;
         }
-        JobEvent::RunSucceeded { run_id, at, .. }
-        | JobEvent::RunFailed { run_id, at, .. }
-        | JobEvent::RunTimedOut { run_id, at, .. } => {
-            close_or_start(conn, job_id, *run_id, "ended_at", *at).await?;
+        JobEvent::RunSucceeded {
+            run_id,
+            utilisation,
+            at,
+            ..
         }
-        JobEvent::JobCancelled {
-            active_run: Some(run_id),
+        | JobEvent::RunFailed {
+            run_id,
+            utilisation,
+            at,
+            ..
+        }
+        | JobEvent::RunTimedOut {
+            run_id,
+            utilisation,
             at,
             ..
         } => {
             close_or_start(conn, job_id, *run_id, "ended_at", *at).await?;
+            if let Some(u) = utilisation {
+                sqlx::query(
+                    "UPDATE read_usage_runs
+                        SET gpu_seconds_sampled = $2, gpu_seconds_busy = $3, peak_memory_mb = $4
+                      WHERE run_id = $1",
+                )
+                .bind(run_id)
+                .bind(u.gpu_seconds_sampled)
+                .bind(u.gpu_seconds_busy)
+                .bind(
+                    u.peak_memory_mb
+                        .map(|mb| i64::try_from(mb).unwrap_or(i64::MAX)),
+                )
+                .execute(&mut *conn)
+                .await?;
+            }
         }
-        JobEvent::JobCancelled { .. }
-        | JobEvent::JobPriorityChanged { .. }
-        | JobEvent::RunProgressed { .. }
-        | JobEvent::RetryScheduled { .. }
-        | JobEvent::JobSucceeded { .. }
-        | JobEvent::JobFailed { .. } => {}
+        JobEvent::JobCancelled { active_run, at, .. } => {
+            if let Some(run_id) = active_run {
+                close_or_start(conn, job_id, *run_id, "ended_at", *at).await?;
+            }
+            finish(conn, job_id, "cancelled", *at).await?;
+        }
+        JobEvent::JobSucceeded { at, .. } => finish(conn, job_id, "succeeded", *at).await?,
+        JobEvent::JobFailed { at, .. } => finish(conn, job_id, "failed", *at).await?,
+        // A manual retry of a failed job reopens it: no outcome until it ends again.
+        JobEvent::RetryScheduled { .. } => {
+            sqlx::query(
+                "UPDATE read_usage_jobs SET outcome = NULL, finished_at = NULL WHERE job_id = $1",
+            )
+            .bind(job_id)
+            .execute(&mut *conn)
+            .await?;
+        }
+        JobEvent::JobPriorityChanged { .. } | JobEvent::RunProgressed { .. } => {}
     }
     sqlx::query("UPDATE read_usage_jobs SET version = $2 WHERE job_id = $1")
         .bind(job_id)
@@ -173,6 +213,22 @@ pub async fn apply_job(
         .execute(&mut *conn)
         .await?;
     Ok(Applied::Applied)
+}
+
+/// Records how a job ended.
+async fn finish(
+    conn: &mut PgConnection,
+    job_id: Uuid,
+    outcome: &str,
+    at: chrono::DateTime<chrono::Utc>,
+) -> Result<(), ProjectionError> {
+    sqlx::query("UPDATE read_usage_jobs SET outcome = $2, finished_at = $3 WHERE job_id = $1")
+        .bind(job_id)
+        .bind(outcome)
+        .bind(at)
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
 }
 
 /// Sets a run's `started_at` or `ended_at` (only if still unset); a run without a row is an

@@ -15,7 +15,8 @@ use crate::as_of;
 use crate::executors::{self, ExecutorDetail, ExecutorSummary, Gpu};
 use crate::history::{self, HistoryEvent};
 use crate::jobs::{self, Cursor, Filter, JobDetail, JobSummary};
-use crate::usage::{self, AccountUsage, Granularity, Leaderboard};
+use crate::leaderboards::{self, RunLeaderboard, RunQuery};
+use crate::usage::{self, AccountUsage, Granularity, Leaderboard, LeaderboardQuery, RankBy};
 
 #[derive(Tags)]
 enum Tag {
@@ -23,8 +24,10 @@ enum Tag {
     Jobs,
     /// Executors, their GPUs and which run holds each GPU, from the read models.
     Executors,
-    /// GPU time allocated per account, user and GPU model, and the GPU-hours leaderboard.
+    /// GPU time allocated per account, user and GPU model, with utilisation; accounts ranked.
     Usage,
+    /// Runs ranked by a metric they reported.
+    Leaderboards,
     /// The event store's history of any job or executor.
     Audit,
     /// Liveness and readiness.
@@ -60,6 +63,23 @@ fn uuid_param(name: &str, value: &str) -> Result<Uuid, ApiError> {
     value
         .parse()
         .map_err(|_| bad(name, format!("{name} must be a UUID, got {value:?}")))
+}
+
+/// A `label` parameter: `key=value`.
+fn parse_label(text: &str) -> Result<(String, String), ApiError> {
+    match text.split_once('=') {
+        Some((key, value)) if !key.is_empty() => Ok((key.to_string(), value.to_string())),
+        _ => Err(bad("label", format!("expected key=value, got {text:?}"))),
+    }
+}
+
+/// An `order` parameter: `desc` (the default) or `asc`; whether ascending.
+fn ascending(order: Option<&str>) -> Result<bool, ApiError> {
+    match order {
+        None | Some("desc") => Ok(false),
+        Some("asc") => Ok(true),
+        Some(other) => Err(bad("order", format!("expected desc or asc, got {other:?}"))),
+    }
 }
 
 fn store_error(error: sqlx::Error) -> ApiError {
@@ -103,13 +123,7 @@ impl QueryApi {
                 format!("unknown state {state:?}; one of {:?}", jobs::STATES),
             ));
         }
-        let label = match label.0 {
-            None => None,
-            Some(text) => match text.split_once('=') {
-                Some((key, value)) if !key.is_empty() => Some((key.to_string(), value.to_string())),
-                _ => return Err(bad("label", "expected key=value")),
-            },
-        };
+        let label = label.0.as_deref().map(parse_label).transpose()?;
         let oldest_first = match sort.0.as_deref() {
             None | Some("newest") => false,
             Some("oldest") => true,
@@ -290,23 +304,36 @@ impl QueryApi {
         Ok(Json(answer))
     }
 
-    /// Accounts ranked by the GPU-hours they were allocated in the last `window` hours.
+    /// Accounts ranked over the last `window` hours by GPU-hours allocated, jobs succeeded,
+    /// success rate, efficiency (GPU time busy per telemetry / GPU time sampled) or idle
+    /// GPU-hours (sampled but not busy: the "idle GPU" ranking).
+    ///
+    /// Each item carries every figure, whichever one it is ranked by. Accounts without the
+    /// ranked figure are left out (no ended jobs for success_rate, no telemetry for efficiency).
     #[oai(path = "/usage/leaderboard", method = "get", tag = "Tag::Usage")]
     async fn usage_leaderboard(
         &self,
         /// Hours before now, 1 to 8784 (default 168: a week).
         window: Query<Option<i64>>,
-        /// What to rank by: `gpu_hours` (default; the only one so far).
+        /// gpu_hours (default), jobs_succeeded, success_rate, efficiency or idle_gpu_hours.
         by: Query<Option<String>>,
+        /// desc (default: most first) or asc (e.g. the least efficient accounts first).
+        order: Query<Option<String>>,
         /// 1 to 500 (default 50).
         limit: Query<Option<i64>>,
+        /// For success_rate: only accounts with at least this many succeeded or failed jobs
+        /// in the window (default 1).
+        min_jobs: Query<Option<i64>>,
     ) -> Result<Json<Leaderboard>, ApiError> {
-        match by.0.as_deref() {
-            None | Some("gpu_hours") => {}
-            Some(other) => {
-                return Err(bad("by", format!("expected gpu_hours, got {other:?}")));
-            }
-        }
+        let by = match by.0.as_deref() {
+            None => RankBy::GpuHours,
+            Some(text) => RankBy::parse(text).ok_or_else(|| {
+                bad(
+                    "by",
+                    format!("expected one of {:?}, got {text:?}", RankBy::NAMES),
+                )
+            })?,
+        };
         let window = window.0.unwrap_or(usage::DEFAULT_WINDOW_HOURS);
         if !(1..=usage::MAX_WINDOW_HOURS).contains(&window) {
             return Err(bad(
@@ -321,7 +348,83 @@ impl QueryApi {
                 format!("must be between 1 and {}", usage::MAX_LIMIT),
             ));
         }
-        let answer = usage::leaderboard(&self.pool, window, limit, Utc::now())
+        let min_jobs = min_jobs.0.unwrap_or(1);
+        if min_jobs < 1 {
+            return Err(bad("min_jobs", "must be at least 1"));
+        }
+        let query = LeaderboardQuery {
+            by,
+            ascending: ascending(order.0.as_deref())?,
+            window_hours: window,
+            limit,
+            min_jobs,
+        };
+        let answer = usage::leaderboard(&self.pool, query, Utc::now())
+            .await
+            .map_err(store_error)?;
+        Ok(Json(answer))
+    }
+
+    /// Runs ranked by a metric they reported (its latest value per run), best first: e.g.
+    /// `/leaderboards/accuracy?label=benchmark=tiles-v1`, or `order=asc` for a loss.
+    #[oai(
+        path = "/leaderboards/:metric",
+        method = "get",
+        tag = "Tag::Leaderboards"
+    )]
+    async fn run_leaderboard(
+        &self,
+        /// The metric's name as the runs reported it, e.g. `accuracy`.
+        metric: Path<String>,
+        /// `key=value`; repeat for several (the job must have all).
+        label: Query<Vec<String>>,
+        /// Only runs of this account's jobs.
+        account: Query<Option<String>>,
+        /// Only runs in this state: assigned, running, succeeded, failed or timed_out.
+        state: Query<Option<String>>,
+        /// desc (default: highest first) or asc (lowest first).
+        order: Query<Option<String>>,
+        /// 1 to 500 (default 50).
+        limit: Query<Option<i64>>,
+    ) -> Result<Json<RunLeaderboard>, ApiError> {
+        if !leaderboards::valid_metric(&metric) {
+            return Err(bad(
+                "metric",
+                "expected 1 to 128 letters, digits or _ . - / :",
+            ));
+        }
+        let labels = label
+            .0
+            .iter()
+            .map(|text| parse_label(text))
+            .collect::<Result<Vec<_>, _>>()?;
+        if let Some(state) = &state.0
+            && !leaderboards::RUN_STATES.contains(&state.as_str())
+        {
+            return Err(bad(
+                "state",
+                format!(
+                    "unknown run state {state:?}; one of {:?}",
+                    leaderboards::RUN_STATES
+                ),
+            ));
+        }
+        let limit = limit.0.unwrap_or(leaderboards::DEFAULT_LIMIT);
+        if !(1..=leaderboards::MAX_LIMIT).contains(&limit) {
+            return Err(bad(
+                "limit",
+                format!("must be between 1 and {}", leaderboards::MAX_LIMIT),
+            ));
+        }
+        let query = RunQuery {
+            metric: metric.0,
+            labels,
+            account: account.0,
+            state: state.0,
+            ascending: ascending(order.0.as_deref())?,
+            limit,
+        };
+        let answer = leaderboards::runs(&self.pool, &query)
             .await
             .map_err(store_error)?;
         Ok(Json(answer))

@@ -13,4 +13,5 @@ pub mod config;
 pub mod executors;
 pub mod history;
 pub mod jobs;
+pub mod leaderboards;
 pub mod usage;

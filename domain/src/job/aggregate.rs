@@ -5,7 +5,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use super::{JobCommand, JobError, JobEvent, JobSpec, RetryTrigger};
+use super::{JobCommand, JobError, JobEvent, JobSpec, RetryTrigger, RunUtilisation};
 use crate::{FieldError, validate};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
@@ -197,6 +197,31 @@ impl Job {
 
 fn invalid(field: &str, message: &str) -> JobError {
     JobError::Invalid(FieldError::new(field, message))
+}
+
+/// Utilisation figures are finite, not negative, and busy time is at most sampled time.
+fn check_utilisation(utilisation: Option<&RunUtilisation>) -> Result<(), JobError> {
+    let Some(u) = utilisation else {
+        return Ok(());
+    };
+    for (field, value) in [
+        ("utilisation.gpu_seconds_sampled", u.gpu_seconds_sampled),
+        ("utilisation.gpu_seconds_busy", u.gpu_seconds_busy),
+    ] {
+        if !value.is_finite() || value < 0.0 {
+            return Err(invalid(
+                field,
+                "must be a finite number of seconds, at least 0",
+            ));
+        }
+    }
+    if u.gpu_seconds_busy > u.gpu_seconds_sampled {
+        return Err(invalid(
+            "utilisation.gpu_seconds_busy",
+            "must be at most utilisation.gpu_seconds_sampled",
+        ));
+    }
+    Ok(())
 }
 
 fn check_text(field: &str, value: &str) -> Result<(), JobError> {
@@ -423,9 +448,11 @@ impl Job {
             JobCommand::ReportRunSucceeded {
                 run_id,
                 executor_id,
+                utilisation,
                 at,
             } => {
                 let run = self.reported_run(run_id, &executor_id)?;
+                check_utilisation(utilisation.as_ref())?;
                 match run.state {
                     RunState::Succeeded => return Ok(vec![]),
                     RunState::Running => {}
@@ -443,6 +470,7 @@ impl Job {
                     executor_id,
                     gpu_uuids: run.gpu_uuids.clone(),
                     started_at: run.started_at,
+                    utilisation,
                     at,
                 }];
                 if self.state != Some(JobState::Cancelled) {
@@ -461,10 +489,12 @@ impl Job {
                 signal,
                 reason,
                 retryable,
+                utilisation,
                 at,
             } => {
                 let run = self.reported_run(run_id, &executor_id)?;
                 check_text("reason", &reason)?;
+                check_utilisation(utilisation.as_ref())?;
                 match run.state {
                     RunState::Failed => return Ok(vec![]),
                     RunState::Assigned | RunState::Running => {}
@@ -486,6 +516,7 @@ impl Job {
                     signal,
                     reason: reason.clone(),
                     retryable,
+                    utilisation,
                     at,
                 }];
                 events.extend(self.after_failure(run, retryable, &reason, &services.retry, at));
@@ -494,9 +525,11 @@ impl Job {
             JobCommand::ReportRunTimedOut {
                 run_id,
                 executor_id,
+                utilisation,
                 at,
             } => {
                 let run = self.reported_run(run_id, &executor_id)?;
+                check_utilisation(utilisation.as_ref())?;
                 match run.state {
                     RunState::TimedOut => return Ok(vec![]),
                     RunState::Running => {}
@@ -516,6 +549,7 @@ impl Job {
                     gpu_uuids: run.gpu_uuids.clone(),
                     started_at: run.started_at,
                     timeout_s,
+                    utilisation,
                     at,
                 }];
                 let reason = format!("run exceeded its timeout of {timeout_s} s");

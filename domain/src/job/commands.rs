@@ -4,7 +4,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use super::{JobSpec, SchedulingDecision};
+use super::{JobSpec, RunUtilisation, SchedulingDecision};
 
 /// Everything that can be asked of a job. `at` is the time the command service received it:
 /// the aggregate never reads a clock, so replaying events gives the same state.
@@ -57,6 +57,8 @@ pub enum JobCommand {
     ReportRunSucceeded {
         run_id: Uuid,
         executor_id: String,
+        /// GPU utilisation over the run from the executor's telemetry, if it sampled any.
+        utilisation: Option<RunUtilisation>,
         at: DateTime<Utc>,
     },
     /// The run failed: a non-zero exit, a signal, or the executor could not run it.
@@ -67,12 +69,16 @@ pub enum JobCommand {
         signal: Option<i32>,
         reason: String,
         retryable: bool,
+        /// GPU utilisation over the run from the executor's telemetry, if it sampled any.
+        utilisation: Option<RunUtilisation>,
         at: DateTime<Utc>,
     },
     /// The run exceeded the job's `timeout_s` and was killed.
     ReportRunTimedOut {
         run_id: Uuid,
         executor_id: String,
+        /// GPU utilisation over the run from the executor's telemetry, if it sampled any.
+        utilisation: Option<RunUtilisation>,
         at: DateTime<Utc>,
     },
     /// A user asks for one more attempt of a failed job.

@@ -8,6 +8,27 @@ use uuid::Uuid;
 
 use super::{JobSpec, JobState};
 
+/// How busy a run's GPUs actually were, summed over its GPUs from the executor's telemetry
+/// (NVML utilisation samples): what the efficiency leaderboard compares with the GPU time
+/// allocated. Reported with the run's end; absent where the executor sampled nothing.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct RunUtilisation {
+    /// GPU-seconds covered by telemetry samples (at most the run's GPUs × its duration).
+    pub gpu_seconds_sampled: f64,
+    /// GPU-seconds the GPUs were busy: each sample's utilisation (0..=1) × its interval.
+    pub gpu_seconds_busy: f64,
+    /// The highest memory use seen on any of its GPUs, in MiB.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peak_memory_mb: Option<u64>,
+}
+
+impl RunUtilisation {
+    /// Busy over sampled GPU time, 0..=1 (`None` when nothing was sampled).
+    pub fn efficiency(&self) -> Option<f64> {
+        (self.gpu_seconds_sampled > 0.0).then(|| self.gpu_seconds_busy / self.gpu_seconds_sampled)
+    }
+}
+
 /// Why the scheduler picked this job and these GPUs, recorded with the assignment so every
 /// decision can be audited and replayed (the factors are those of Slurm's `sprio`).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -90,6 +111,9 @@ pub enum JobEvent {
         executor_id: String,
         gpu_uuids: Vec<String>,
         started_at: Option<DateTime<Utc>>,
+        /// GPU utilisation over the run, where the executor's telemetry reported it.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        utilisation: Option<RunUtilisation>,
         at: DateTime<Utc>,
     },
     RunFailed {
@@ -102,6 +126,9 @@ pub enum JobEvent {
         signal: Option<i32>,
         reason: String,
         retryable: bool,
+        /// GPU utilisation over the run, where the executor's telemetry reported it.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        utilisation: Option<RunUtilisation>,
         at: DateTime<Utc>,
     },
     RunTimedOut {
@@ -111,6 +138,9 @@ pub enum JobEvent {
         gpu_uuids: Vec<String>,
         started_at: Option<DateTime<Utc>>,
         timeout_s: u64,
+        /// GPU utilisation over the run, where the executor's telemetry reported it.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        utilisation: Option<RunUtilisation>,
         at: DateTime<Utc>,
     },
     RetryScheduled {

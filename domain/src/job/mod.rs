@@ -15,7 +15,7 @@ mod tests;
 pub use aggregate::{Job, JobServices, JobState, RetryPolicy, Run, RunState};
 pub use commands::JobCommand;
 pub use error::JobError;
-pub use events::{JobEvent, RetryTrigger, SchedulingDecision};
+pub use events::{JobEvent, RetryTrigger, RunUtilisation, SchedulingDecision};
 pub use spec::{
     JobSpec, MAX_GPU_MEMORY_MB, MAX_GPUS, MAX_PARAMS_BYTES, MAX_PRIORITY, MAX_RETRIES,
     MAX_TIMEOUT_S, RESERVED_ENV,

@@ -15,7 +15,7 @@ use uuid::Uuid;
 use super::spec::tests::spec;
 use super::{
     Job, JobCommand, JobError, JobEvent, JobServices, JobState, RetryPolicy, RetryTrigger, Run,
-    RunState, SchedulingDecision,
+    RunState, RunUtilisation, SchedulingDecision,
 };
 use crate::FieldError;
 
@@ -175,6 +175,7 @@ fn succeed_by(run: Uuid, executor: &str, at: DateTime<Utc>) -> JobCommand {
     JobCommand::ReportRunSucceeded {
         run_id: run,
         executor_id: executor.to_string(),
+        utilisation: None,
         at,
     }
 }
@@ -192,6 +193,7 @@ fn fail(run: Uuid, retryable: bool, at: DateTime<Utc>) -> JobCommand {
         signal: None,
         reason: FAILURE.to_string(),
         retryable,
+        utilisation: None,
         at,
     }
 }
@@ -200,6 +202,7 @@ fn time_out(run: Uuid, at: DateTime<Utc>) -> JobCommand {
     JobCommand::ReportRunTimedOut {
         run_id: run,
         executor_id: EXECUTOR.to_string(),
+        utilisation: None,
         at,
     }
 }
@@ -293,6 +296,7 @@ fn run_succeeded(
         executor_id: EXECUTOR.to_string(),
         gpu_uuids: gpus(),
         started_at: started,
+        utilisation: None,
         at,
     }
 }
@@ -315,6 +319,7 @@ fn run_failed(
         signal: None,
         reason: FAILURE.to_string(),
         retryable,
+        utilisation: None,
         at,
     }
 }
@@ -332,6 +337,7 @@ fn run_timed_out(
         gpu_uuids: gpus(),
         started_at: started,
         timeout_s: 3600,
+        utilisation: None,
         at,
     }
 }
@@ -949,6 +955,64 @@ fn report_run_succeeded_ends_the_run_and_the_job() {
 }
 
 #[test]
+fn report_run_succeeded_records_the_runs_gpu_utilisation() {
+    let utilisation = RunUtilisation {
+        gpu_seconds_sampled: 180.0,
+        gpu_seconds_busy: 135.0,
+        peak_memory_mb: Some(61_440),
+    };
+    let mut expected = run_succeeded(RUN_1, 1, Some(t(1010)), t(1100));
+    if let JobEvent::RunSucceeded {
+        utilisation: slot, ..
+    } = &mut expected
+    {
+        *slot = Some(utilisation);
+    }
+    job(running(1))
+        .when(JobCommand::ReportRunSucceeded {
+            run_id: RUN_1,
+            executor_id: EXECUTOR.to_string(),
+            utilisation: Some(utilisation),
+            at: t(1100),
+        })
+        .then_expect_events(vec![expected, job_succeeded(RUN_1, 1, t(1100))]);
+    assert_eq!(utilisation.efficiency(), Some(0.75));
+}
+
+#[test]
+fn utilisation_must_be_finite_and_busy_at_most_sampled() {
+    let report = |sampled: f64, busy: f64| JobCommand::ReportRunTimedOut {
+        run_id: RUN_1,
+        executor_id: EXECUTOR.to_string(),
+        utilisation: Some(RunUtilisation {
+            gpu_seconds_sampled: sampled,
+            gpu_seconds_busy: busy,
+            peak_memory_mb: None,
+        }),
+        at: t(1100),
+    };
+    job(running(1))
+        .when(report(10.0, 10.5))
+        .then_expect_error(invalid(
+            "utilisation.gpu_seconds_busy",
+            "must be at most utilisation.gpu_seconds_sampled",
+        ));
+    job(running(1))
+        .when(report(f64::NAN, 0.0))
+        .then_expect_error(invalid(
+            "utilisation.gpu_seconds_sampled",
+            "must be a finite number of seconds, at least 0",
+        ));
+    job(running(1))
+        .when(report(10.0, -1.0))
+        .then_expect_error(invalid(
+            "utilisation.gpu_seconds_busy",
+            "must be a finite number of seconds, at least 0",
+        ));
+    assert_eq!(RunUtilisation::default().efficiency(), None);
+}
+
+#[test]
 fn report_run_succeeded_on_a_later_attempt_counts_all_attempts() {
     job(running(3))
         .when(succeed(RUN_3, t(3100)))
@@ -1152,6 +1216,7 @@ fn report_run_failed_before_start_is_a_spawn_failure() {
             signal: None,
             reason: "spawn failed: python: not found".to_string(),
             retryable: true,
+            utilisation: None,
             at: t(1002),
         })
         .then_expect_events(vec![
@@ -1165,6 +1230,7 @@ fn report_run_failed_before_start_is_a_spawn_failure() {
                 signal: None,
                 reason: "spawn failed: python: not found".to_string(),
                 retryable: true,
+                utilisation: None,
                 at: t(1002),
             },
             retry_scheduled(2, RUN_1, 10, t(1002)),

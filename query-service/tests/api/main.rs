@@ -6,5 +6,6 @@ mod executors;
 mod helpers;
 mod history;
 mod jobs;
+mod leaderboards;
 mod openapi;
 mod usage;

@@ -268,7 +268,7 @@ async fn bad_usage_parameters_are_400_naming_them() {
             "/usage/accounts/geo-team?granularity=hour&from=2026-01-01T00:00:00Z&to=2026-03-25T09:00:00Z",
             "from",
         ),
-        ("/usage/leaderboard?by=jobs_succeeded", "by"),
+        ("/usage/leaderboard?by=jobs", "by"),
         ("/usage/leaderboard?window=0", "window"),
         ("/usage/leaderboard?window=100000", "window"),
         ("/usage/leaderboard?limit=0", "limit"),
