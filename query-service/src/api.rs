@@ -16,6 +16,7 @@ use crate::executors::{self, ExecutorDetail, ExecutorSummary, Gpu};
 use crate::history::{self, HistoryEvent};
 use crate::jobs::{self, Cursor, Filter, JobDetail, JobSummary};
 use crate::leaderboards::{self, RunLeaderboard, RunQuery};
+use crate::projections::{self, ProjectionStatus};
 use crate::usage::{self, AccountUsage, Granularity, Leaderboard, LeaderboardQuery, RankBy};
 
 #[derive(Tags)]
@@ -30,7 +31,7 @@ enum Tag {
     Leaderboards,
     /// The event store's history of any job or executor.
     Audit,
-    /// Liveness and readiness.
+    /// Liveness, readiness and the projections' health.
     Health,
 }
 
@@ -456,6 +457,16 @@ impl QueryApi {
         Json(Health {
             status: "ok".into(),
         })
+    }
+
+    /// Each projection's progress and health: `stopped` with the reason when it met an
+    /// event it cannot apply (it never skips one), `catching_up` while behind the store.
+    #[oai(path = "/projections", method = "get", tag = "Tag::Health")]
+    async fn projections(&self) -> Result<Json<Vec<ProjectionStatus>>, ApiError> {
+        let statuses = projections::statuses(&self.pool)
+            .await
+            .map_err(store_error)?;
+        Ok(Json(statuses))
     }
 
     /// Readiness: Postgres is reachable.

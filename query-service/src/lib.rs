@@ -14,4 +14,5 @@ pub mod executors;
 pub mod history;
 pub mod jobs;
 pub mod leaderboards;
+pub mod projections;
 pub mod usage;

@@ -8,4 +8,5 @@ mod history;
 mod jobs;
 mod leaderboards;
 mod openapi;
+mod projections;
 mod usage;
