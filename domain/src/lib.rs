@@ -7,6 +7,7 @@
 
 pub mod executor;
 pub mod job;
+pub mod scheduler;
 mod validate;
 
 pub use validate::FieldError;
