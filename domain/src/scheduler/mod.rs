@@ -43,8 +43,11 @@ use uuid::Uuid;
 
 use crate::job::SchedulingDecision;
 
+mod state;
 #[cfg(test)]
 mod tests;
+
+pub use state::{FleetState, Stranded};
 
 /// The policy's knobs.
 #[derive(Debug, Clone, Copy, PartialEq)]

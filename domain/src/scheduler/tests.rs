@@ -668,3 +668,189 @@ fn a_low_priority_gang_job_is_not_starved_by_a_stream_of_small_high_priority_job
         "placed before it was starving: {placed_at}"
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// The fold from events
+// ---------------------------------------------------------------------------------------------
+
+mod fold {
+    use super::*;
+    use crate::executor::{ExecutorEvent, GpuInfo};
+    use crate::job::{JobEvent, JobSpec, RetryTrigger};
+
+    fn spec(account: &str, gpus: u8) -> JobSpec {
+        serde_json::from_value(serde_json::json!({
+            "name": "tiles", "account": account, "submitted_by": "ana", "priority": 50,
+            "gpus": gpus, "gpu_memory_mb": 0, "command": ["true"], "timeout_s": 60
+        }))
+        .unwrap()
+    }
+
+    fn registered(lease_s: u32, at: i64) -> ExecutorEvent {
+        ExecutorEvent::ExecutorRegistered {
+            executor_id: "h".into(),
+            hostname: "h.example".into(),
+            gpus: (0..2)
+                .map(|i| GpuInfo {
+                    uuid: format!("h-gpu{i}"),
+                    index: i,
+                    name: "NVIDIA H100 80GB HBM3".into(),
+                    memory_mb: 81_559,
+                    compute_capability: "9.0".into(),
+                })
+                .collect(),
+            lease_s,
+            session: 1,
+            at: t(at),
+        }
+    }
+
+    fn submitted(n: u128, account: &str, gpus: u8, at: i64) -> JobEvent {
+        JobEvent::JobSubmitted {
+            job_id: id(n),
+            spec: spec(account, gpus),
+            at: t(at),
+        }
+    }
+
+    fn assigned(run: u128, gpus: &[&str], at: i64) -> JobEvent {
+        JobEvent::RunAssigned {
+            run_id: id(run),
+            attempt: 1,
+            executor_id: "h".into(),
+            gpu_uuids: gpus.iter().map(|g| g.to_string()).collect(),
+            decision: Default::default(),
+            at: t(at),
+        }
+    }
+
+    #[test]
+    fn the_fold_tracks_queue_gpus_usage_and_leases() {
+        let mut state = FleetState::default();
+        state.apply_executor("h", &registered(30, 0));
+        // Registered but not active: nothing is placed on it yet.
+        assert_eq!(
+            state.snapshot(t(1), &POLICY).executors[0].availability,
+            ExecutorAvailability::Unavailable
+        );
+        state.apply_executor("h", &ExecutorEvent::ExecutorActivated { at: t(1) });
+        state.apply_executor(
+            "h",
+            &ExecutorEvent::ExecutorHeartbeat {
+                lease_expires_at: t(31),
+                at: t(1),
+            },
+        );
+        state.apply_job(id(1), &submitted(1, "geo", 1, 2), &POLICY);
+        state.apply_job(id(2), &submitted(2, "vision", 2, 3), &POLICY);
+        let snapshot = state.snapshot(t(4), &POLICY);
+        assert_eq!(snapshot.queue.len(), 2);
+        assert_eq!(
+            snapshot.executors[0].availability,
+            ExecutorAvailability::Active
+        );
+
+        state.apply_job(id(1), &assigned(11, &["h-gpu0"], 5), &POLICY);
+        let snapshot = state.snapshot(t(5), &POLICY);
+        assert_eq!(snapshot.queue.len(), 1);
+        assert!(snapshot.executors[0].gpus[0].busy);
+        assert!(!snapshot.executors[0].gpus[1].busy);
+        assert!(!state.is_queued(id(1)));
+        assert!(state.is_queued(id(2)));
+        // The 2-GPU job cannot go while gpu0 is held.
+        assert!(schedule(&snapshot, t(5), &POLICY).is_empty());
+
+        state.apply_job(
+            id(1),
+            &JobEvent::RunStarted {
+                run_id: id(11),
+                attempt: 1,
+                executor_id: "h".into(),
+                at: t(10),
+            },
+            &POLICY,
+        );
+        // A running run counts towards its account's usage up to now.
+        let running = state.usage_at(t(20), &POLICY)["geo"];
+        assert!(running > 9.9 && running <= 10.0, "{running}");
+        state.apply_job(
+            id(1),
+            &JobEvent::RunFailed {
+                run_id: id(11),
+                attempt: 1,
+                executor_id: "h".into(),
+                gpu_uuids: vec!["h-gpu0".into()],
+                started_at: Some(t(10)),
+                exit_code: Some(1),
+                signal: None,
+                reason: "exit 1".into(),
+                retryable: true,
+                utilisation: None,
+                at: t(20),
+            },
+            &POLICY,
+        );
+        state.apply_job(
+            id(1),
+            &JobEvent::RetryScheduled {
+                next_attempt: 2,
+                after_run: Some(id(11)),
+                eligible_at: t(30),
+                backoff_s: 10,
+                trigger: RetryTrigger::Automatic,
+                at: t(20),
+            },
+            &POLICY,
+        );
+        let snapshot = state.snapshot(t(21), &POLICY);
+        assert!(
+            !snapshot.executors[0].gpus[0].busy,
+            "freed at the run's end"
+        );
+        let usage = state.usage_at(t(20), &POLICY)["geo"];
+        assert!((usage - running).abs() < 1e-9, "{usage} vs {running}");
+        // Back in the queue, in backoff: the 2-GPU job goes now, the retry waits.
+        let assignments = schedule(&snapshot, t(21), &POLICY);
+        assert_eq!(placed(&assignments), [id(2)]);
+        let why = explain(&snapshot, id(1), t(21), &POLICY).unwrap();
+        assert_eq!(why.waiting_for, [Blocker::Backoff { until: t(30) }]);
+
+        // Cancelling a job frees its GPUs; the lease runs out without heartbeats.
+        state.apply_job(id(2), &assigned(22, &["h-gpu0", "h-gpu1"], 22), &POLICY);
+        assert_eq!(
+            state.runs_on("h"),
+            [Stranded {
+                job_id: id(2),
+                run_id: id(22)
+            }]
+        );
+        state.apply_job(
+            id(2),
+            &JobEvent::JobCancelled {
+                by: "ana".into(),
+                reason: "wrong input".into(),
+                previous_state: crate::job::JobState::Assigned,
+                active_run: Some(id(22)),
+                active_executor: Some("h".into()),
+                at: t(23),
+            },
+            &POLICY,
+        );
+        assert!(state.runs_on("h").is_empty());
+        assert!(state.expired_leases(t(30)).is_empty());
+        assert_eq!(state.expired_leases(t(31)), ["h"]);
+        assert_eq!(
+            state.snapshot(t(31), &POLICY).executors[0].availability,
+            ExecutorAvailability::Unavailable
+        );
+        state.apply_executor(
+            "h",
+            &ExecutorEvent::ExecutorLost {
+                last_heartbeat_at: Some(t(1)),
+                lease_expired_at: t(31),
+                at: t(32),
+            },
+        );
+        assert!(state.expired_leases(t(40)).is_empty(), "lost once");
+    }
+}
