@@ -15,9 +15,12 @@ use poem_openapi::{ApiResponse, Object, OpenApi, Tags};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
+use cqrs_es::EventStore;
+use cqrs_es::persist::PersistedEventStore;
 use overfly_domain::FieldError;
 use overfly_domain::executor::{ExecutorCommand, GpuInfo};
-use overfly_domain::job::{self, JobCommand, JobError, JobSpec, SchedulingDecision};
+use overfly_domain::job::{self, Job, JobCommand, JobError, JobSpec, SchedulingDecision};
+use postgres_es::PostgresEventRepository;
 
 use overfly_domain::executor::ExecutorError;
 use overfly_http::trace::current_traceparent;
@@ -149,6 +152,48 @@ impl SubmitJob {
         };
         spec.validate()?;
         Ok(spec)
+    }
+}
+
+/// A job's specification as submitted (priority as it is now): what an executor needs to
+/// start the job's runs (argv, environment, timeout).
+#[derive(Debug, Clone, Object)]
+#[oai(rename_all = "snake_case")]
+pub struct JobSpecView {
+    pub job_id: String,
+    pub name: String,
+    pub account: String,
+    pub submitted_by: String,
+    pub priority: i64,
+    pub gpus: i64,
+    pub gpu_memory_mb: u64,
+    /// Program and arguments (argv; no shell).
+    pub command: Vec<String>,
+    pub env: BTreeMap<String, String>,
+    pub params: serde_json::Value,
+    pub labels: BTreeMap<String, String>,
+    pub max_retries: i64,
+    /// Wall-clock limit per run, seconds.
+    pub timeout_s: u64,
+}
+
+impl JobSpecView {
+    fn new(job_id: Uuid, spec: JobSpec) -> Self {
+        Self {
+            job_id: job_id.to_string(),
+            name: spec.name,
+            account: spec.account,
+            submitted_by: spec.submitted_by,
+            priority: spec.priority.into(),
+            gpus: spec.gpus.into(),
+            gpu_memory_mb: spec.gpu_memory_mb,
+            command: spec.command,
+            env: spec.env,
+            params: spec.params,
+            labels: spec.labels,
+            max_retries: spec.max_retries.into(),
+            timeout_s: spec.timeout_s,
+        }
     }
 }
 
@@ -491,6 +536,24 @@ impl CommandApi {
         };
         self.job(uuid_param("job_id", &job_id)?, command, &ctx)
             .await
+    }
+
+    /// The job's specification, read from its events (executors fetch it to start a run).
+    #[oai(path = "/jobs/:job_id/spec", method = "get", tag = "Tag::Runs")]
+    async fn job_spec(&self, job_id: Path<String>) -> Result<Json<JobSpecView>, ApiError> {
+        let job_id = uuid_param("job_id", &job_id)?;
+        let store = PersistedEventStore::<PostgresEventRepository, Job>::new_event_store(
+            PostgresEventRepository::new(self.bus.pool().clone()),
+        );
+        let loaded = store
+            .load_aggregate(&job_id.to_string())
+            .await
+            .map_err(|e| ApiError::internal(&e))?;
+        let spec = loaded
+            .aggregate
+            .spec
+            .ok_or_else(|| ApiError::not_found("job not found"))?;
+        Ok(Json(JobSpecView::new(job_id, spec)))
     }
 
     /// Assign the job's next attempt to GPUs of one executor (the scheduler's command).

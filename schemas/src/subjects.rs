@@ -16,6 +16,46 @@ pub fn event_subject(aggregate_type: &str, aggregate_id: &str, event_type: &str)
     format!("{EVENTS_PREFIX}.{aggregate_type}.{aggregate_id}.{event_type}")
 }
 
+/// Workload log lines, batched by the executor (file storage, kept 7 days).
+pub const LOGS_STREAM: &str = "OVERFLY_LOGS";
+pub const LOGS_PREFIX: &str = "overfly.logs";
+/// Matches every log subject.
+pub const LOGS_ALL: &str = "overfly.logs.>";
+pub const LOGS_MAX_AGE_S: u64 = 7 * 24 * 3600;
+
+/// `overfly.logs.<job_id>.<run_id>`: one subject per run.
+pub fn log_subject(job_id: &str, run_id: &str) -> String {
+    format!("{LOGS_PREFIX}.{job_id}.{run_id}")
+}
+
+/// GPU telemetry samples, one message per GPU per sample (kept 1 hour).
+pub const TELEMETRY_STREAM: &str = "OVERFLY_TELEMETRY";
+pub const TELEMETRY_PREFIX: &str = "overfly.telemetry";
+/// Matches every telemetry subject.
+pub const TELEMETRY_ALL: &str = "overfly.telemetry.>";
+pub const TELEMETRY_MAX_AGE_S: u64 = 3600;
+
+/// `overfly.telemetry.<executor_id>.<gpu_index>`.
+pub fn telemetry_subject(executor_id: &str, gpu_index: u32) -> String {
+    format!("{TELEMETRY_PREFIX}.{executor_id}.{gpu_index}")
+}
+
+/// Every job event of one type, e.g. `overfly.events.job.*.RunAssigned` (one filter subject
+/// per consumer: nats-server 2.9 has no multi-filter consumers).
+pub fn job_events_of_type(event_type: &str) -> String {
+    format!("{EVENTS_PREFIX}.job.*.{event_type}")
+}
+
+/// Durable consumers of one executor on the events stream: its assignments and the
+/// cancellations of its runs. Durable, so an executor restart loses neither.
+pub fn executor_assignments_consumer(executor_id: &str) -> String {
+    format!("executor-{executor_id}")
+}
+
+pub fn executor_cancellations_consumer(executor_id: &str) -> String {
+    format!("executor-{executor_id}-cancel")
+}
+
 /// Message headers set by the relay on every event message.
 pub mod headers {
     /// JetStream de-duplication: `<aggregate_id>:<sequence>`.
@@ -44,5 +84,22 @@ mod tests {
             "overfly.events.job.abc.JobSubmitted"
         );
         assert!(event_subject("job", "abc", "JobSubmitted").starts_with(&EVENTS_ALL[..15]));
+    }
+
+    #[test]
+    fn log_telemetry_and_executor_subjects() {
+        assert_eq!(log_subject("j1", "r1"), "overfly.logs.j1.r1");
+        assert!(log_subject("j1", "r1").starts_with(&LOGS_ALL[..LOGS_ALL.len() - 1]));
+        assert_eq!(
+            telemetry_subject("gpu-host-1", 3),
+            "overfly.telemetry.gpu-host-1.3"
+        );
+        assert!(telemetry_subject("h", 0).starts_with(&TELEMETRY_ALL[..TELEMETRY_ALL.len() - 1]));
+        assert_eq!(
+            job_events_of_type("RunAssigned"),
+            "overfly.events.job.*.RunAssigned"
+        );
+        assert_eq!(executor_assignments_consumer("h1"), "executor-h1");
+        assert_eq!(executor_cancellations_consumer("h1"), "executor-h1-cancel");
     }
 }

@@ -6,6 +6,7 @@ mod delivery;
 mod executors;
 mod helpers;
 mod idempotency;
+mod job_spec;
 mod openapi;
 mod rejections;
 mod telemetry;
