@@ -1,4 +1,4 @@
-//! Wiring: builds the HTTP application and the relay from a `Config`, binds the listener
+//! Wiring: builds the HTTP application, the relay and the scheduler from a `Config`, binds the listener
 //! (port 0 picks a free port; `local_addr` tells which), and runs until shut down.
 
 use std::future::Future;
@@ -17,12 +17,14 @@ use crate::api::CommandApi;
 use crate::bus::CommandBus;
 use crate::config::Config;
 use crate::relay::Relay;
+use crate::scheduler::Scheduler;
 
 pub struct Application {
     bound: Bound,
     bus: Arc<CommandBus>,
     nats: async_nats::Client,
     relay: Option<Relay>,
+    scheduler: Option<Scheduler>,
 }
 
 pub fn openapi(api: CommandApi) -> OpenApiService<CommandApi, ()> {
@@ -66,11 +68,14 @@ impl Application {
         nats: async_nats::Client,
     ) -> anyhow::Result<Self> {
         let committed = Arc::new(Notify::new());
-        let bus = Arc::new(CommandBus::new(
-            pool.clone(),
-            config.job_services(),
-            committed.clone(),
-        ));
+        let scheduled = Arc::new(Notify::new());
+        let bus = Arc::new(
+            CommandBus::new(pool.clone(), config.job_services(), committed.clone())
+                .with_listener(scheduled.clone()),
+        );
+        let scheduler = config
+            .scheduler_enabled
+            .then(|| Scheduler::new(pool.clone(), bus.clone(), config.scheduler(), scheduled));
         let relay = config
             .relay_enabled
             .then(|| Relay::new(pool, nats.clone(), config.relay.clone(), committed));
@@ -80,6 +85,7 @@ impl Application {
             bus,
             nats,
             relay,
+            scheduler,
         })
     }
 
@@ -93,6 +99,9 @@ impl Application {
         let _relay = self
             .relay
             .map(|relay| AbortOnDrop(tokio::spawn(relay.run())));
+        let _scheduler = self
+            .scheduler
+            .map(|scheduler| AbortOnDrop(tokio::spawn(scheduler.run())));
         let service = openapi(CommandApi {
             bus: self.bus,
             nats: Some(self.nats),

@@ -61,6 +61,8 @@ pub struct CommandBus {
     executors: Framework<Executor>,
     pool: PgPool,
     committed: Arc<Notify>,
+    /// Also notified after every commit (the scheduler), when set.
+    listener: Option<Arc<Notify>>,
 }
 
 impl CommandBus {
@@ -87,6 +89,20 @@ impl CommandBus {
             ),
             pool,
             committed,
+            listener: None,
+        }
+    }
+
+    /// Also notify `listener` after every commit.
+    pub fn with_listener(mut self, listener: Arc<Notify>) -> Self {
+        self.listener = Some(listener);
+        self
+    }
+
+    fn notify(&self) {
+        self.committed.notify_one();
+        if let Some(listener) = &self.listener {
+            listener.notify_one();
         }
     }
 
@@ -177,7 +193,7 @@ impl CommandBus {
                 .await;
             match outcome {
                 (Ok(()), Some((version, position))) => {
-                    self.committed.notify_one();
+                    self.notify();
                     return Ok(Recorded {
                         aggregate_id: aggregate_id.to_string(),
                         version,
@@ -186,7 +202,7 @@ impl CommandBus {
                     });
                 }
                 (Ok(()), None) => {
-                    self.committed.notify_one();
+                    self.notify();
                     return self.recorded(A::TYPE, aggregate_id, &command_id).await;
                 }
                 (Err(AggregateError::AggregateConflict), _) => {

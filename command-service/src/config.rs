@@ -58,6 +58,21 @@ pub struct Config {
     /// Run the relay inside `serve` (only one relay publishes at a time anyway).
     #[arg(long, env = "OVERFLY_RELAY_ENABLED", default_value_t = true, action = clap::ArgAction::Set, global = true)]
     pub relay_enabled: bool,
+    /// Run the scheduler inside `serve` (only one schedules at a time anyway). Off by default
+    /// until the executors land (#4): runs are assigned through `POST /jobs/{id}/runs`.
+    #[arg(long, env = "OVERFLY_SCHEDULER_ENABLED", default_value_t = false, action = clap::ArgAction::Set, global = true)]
+    pub scheduler_enabled: bool,
+    /// How often the scheduler looks again when no commit woke it (backoffs ending, leases
+    /// expiring, other instances' commits).
+    #[arg(
+        long,
+        env = "OVERFLY_SCHEDULER_POLL_MS",
+        default_value_t = 50,
+        global = true
+    )]
+    pub scheduler_poll_ms: u64,
+    #[command(flatten)]
+    pub policy: overfly_infra::config::SchedulerPolicy,
     /// Backoff before the first automatic retry of a failed run; doubles per failure.
     #[arg(
         long,
@@ -129,6 +144,17 @@ impl RelayConfig {
 }
 
 impl Config {
+    pub fn scheduler(&self) -> crate::scheduler::SchedulerConfig {
+        crate::scheduler::SchedulerConfig {
+            policy: overfly_domain::scheduler::Policy {
+                age_bonus: self.policy.age_bonus,
+                age_horizon_s: self.policy.age_horizon_s,
+                usage_half_life_s: self.policy.usage_half_life_s,
+            },
+            poll: std::time::Duration::from_millis(self.scheduler_poll_ms),
+        }
+    }
+
     pub fn job_services(&self) -> overfly_domain::job::JobServices {
         overfly_domain::job::JobServices {
             retry: overfly_domain::job::RetryPolicy {
@@ -141,12 +167,17 @@ impl Config {
     /// The effective configuration, secrets redacted, for the start-up log.
     pub fn describe(&self) -> String {
         format!(
-            "database_url={} nats_url={} addr={} db_pool_size={} relay_enabled={} retry_base_s={} retry_max_s={} relay_batch_size={} relay_poll_ms={} relay_linger_ms={} relay_stream={} otlp_endpoint={}",
+            "database_url={} nats_url={} addr={} db_pool_size={} relay_enabled={} scheduler_enabled={} scheduler_poll_ms={} age_bonus={} age_horizon_s={} usage_half_life_s={} retry_base_s={} retry_max_s={} relay_batch_size={} relay_poll_ms={} relay_linger_ms={} relay_stream={} otlp_endpoint={}",
             overfly_infra::db::redact_url(&self.postgres.database_url),
             overfly_infra::db::redact_url(&self.nats.nats_url),
             self.addr,
             self.db_pool_size,
             self.relay_enabled,
+            self.scheduler_enabled,
+            self.scheduler_poll_ms,
+            self.policy.age_bonus,
+            self.policy.age_horizon_s,
+            self.policy.usage_half_life_s,
             self.retry_base_s,
             self.retry_max_s,
             self.relay.batch_size,

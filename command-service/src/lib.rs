@@ -1,5 +1,6 @@
-//! Overfly's write side: the HTTP command API over cqrs-es / postgres-es, and the relay that
-//! carries the event store to JetStream in commit order.
+//! Overfly's write side: the HTTP command API over cqrs-es / postgres-es, the relay that
+//! carries the event store to JetStream in commit order, and the scheduler (a process manager
+//! that assigns queued jobs to GPUs by the pure policy in `overfly_domain::scheduler`).
 //!
 //! It must not read models or serve queries (that is query-service), and nothing here may
 //! publish an event that is not committed in Postgres first.
@@ -13,3 +14,4 @@ mod event_store;
 mod group_commit;
 pub mod idempotency;
 pub mod relay;
+pub mod scheduler;

@@ -261,9 +261,9 @@ impl Relay {
     }
 }
 
-struct Row {
-    cursor: Cursor,
-    envelope: EventEnvelope,
+pub(crate) struct Row {
+    pub cursor: Cursor,
+    pub envelope: EventEnvelope,
 }
 
 type RowTuple = (
@@ -279,7 +279,7 @@ type RowTuple = (
     DateTime<Utc>,
 );
 
-async fn fetch_batch(
+pub(crate) async fn fetch_batch(
     conn: &mut sqlx::PgConnection,
     after: Cursor,
     limit: i64,

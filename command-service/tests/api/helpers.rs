@@ -31,6 +31,8 @@ pub struct TestApp {
 pub struct Options {
     pub relay: bool,
     pub retry_base_s: u64,
+    /// Run the scheduler (tests that assign runs by hand leave it off).
+    pub scheduler: bool,
 }
 
 impl Default for Options {
@@ -38,6 +40,7 @@ impl Default for Options {
         Self {
             relay: true,
             retry_base_s: 10,
+            scheduler: false,
         }
     }
 }
@@ -64,6 +67,10 @@ pub async fn spawn_app_with(options: Options) -> TestApp {
         &options.relay.to_string(),
         "--retry-base-s",
         &options.retry_base_s.to_string(),
+        "--scheduler-enabled",
+        &options.scheduler.to_string(),
+        "--scheduler-poll-ms",
+        "20",
     ]);
     let app = Application::build(&cli.config).await.expect("app builds");
     let addr = app.local_addr();

@@ -9,4 +9,5 @@ mod idempotency;
 mod job_spec;
 mod openapi;
 mod rejections;
+mod scheduler;
 mod telemetry;
