@@ -54,6 +54,8 @@ pub struct QueryApi {
     pub pool: PgPool,
     /// How long `min_position` waits for the projection.
     pub read_your_writes_wait: Duration,
+    /// The scheduler's policy, for `explain`.
+    pub policy: overfly_domain::scheduler::Policy,
 }
 
 fn bad(param: &str, detail: impl Into<String>) -> ApiError {
@@ -429,6 +431,31 @@ impl QueryApi {
             .await
             .map_err(store_error)?;
         Ok(Json(answer))
+    }
+
+    /// Why is this job pending? Its place in the queue, its priority factors (priority, age,
+    /// fair share: like Slurm's `sprio`), the jobs ahead of it and what it waits for (no
+    /// executor with enough GPUs or memory, GPUs busy, a retry backoff, GPUs reserved for a
+    /// starving job), or where it would be placed now.
+    ///
+    /// With `at`, for any past instant: the queue and fleet are rebuilt from the events
+    /// recorded up to then and the scheduler's policy is run in explain mode.
+    #[oai(path = "/jobs/:job_id/explain", method = "get", tag = "Tag::Audit")]
+    async fn explain_job(
+        &self,
+        job_id: Path<String>,
+        /// RFC 3339; default: now.
+        at: Query<Option<DateTime<Utc>>>,
+    ) -> Result<Json<crate::explain::Explanation>, ApiError> {
+        let job_id = uuid_param("job_id", &job_id)?;
+        let at = at.0.unwrap_or_else(Utc::now);
+        match crate::explain::explain(&self.pool, job_id, at, &self.policy).await {
+            Ok(Some(explanation)) => Ok(Json(explanation)),
+            Ok(None) => Err(ApiError::not_found(format!(
+                "job {job_id} did not exist at {at}"
+            ))),
+            Err(error) => Err(ApiError::internal(&error)),
+        }
     }
 
     /// Every event of a job, in order, with who, when, why and its trace.

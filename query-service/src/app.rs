@@ -28,6 +28,7 @@ pub fn openapi_json() -> String {
     openapi(QueryApi {
         pool,
         read_your_writes_wait: Duration::ZERO,
+        policy: overfly_domain::scheduler::Policy::default(),
     })
     .spec()
 }
@@ -50,6 +51,7 @@ impl Application {
         let api = QueryApi {
             pool,
             read_your_writes_wait: config.read_your_writes_wait(),
+            policy: config.policy(),
         };
         Ok(Self { bound, api })
     }

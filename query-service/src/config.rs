@@ -30,6 +30,9 @@ pub enum Command {
 pub struct Config {
     #[command(flatten)]
     pub postgres: overfly_infra::config::Postgres,
+    /// The scheduler's policy (the same values as the command service's), for `explain`.
+    #[command(flatten)]
+    pub policy: overfly_infra::config::SchedulerPolicy,
     /// Address the HTTP API listens on (port 0 picks a free port).
     #[arg(
         long,
@@ -57,6 +60,14 @@ pub struct Config {
 }
 
 impl Config {
+    pub fn policy(&self) -> overfly_domain::scheduler::Policy {
+        overfly_domain::scheduler::Policy {
+            age_bonus: self.policy.age_bonus,
+            age_horizon_s: self.policy.age_horizon_s,
+            usage_half_life_s: self.policy.usage_half_life_s,
+        }
+    }
+
     pub fn read_your_writes_wait(&self) -> Duration {
         Duration::from_millis(self.read_your_writes_wait_ms)
     }

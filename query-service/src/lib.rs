@@ -11,6 +11,7 @@ mod as_of;
 pub mod cli;
 pub mod config;
 pub mod executors;
+pub mod explain;
 pub mod history;
 pub mod jobs;
 pub mod leaderboards;

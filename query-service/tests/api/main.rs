@@ -3,6 +3,7 @@
 //! service answers.
 
 mod executors;
+mod explain;
 mod helpers;
 mod history;
 mod jobs;
