@@ -40,6 +40,9 @@ pub enum Command {
         #[arg(long, default_value_t = crate::rebuild::BATCH)]
         events_per_batch: i64,
     },
+    /// Write the events (commit order) and the GPU usage (per run, per UTC day) as Parquet or
+    /// CSV files into DIR, for DuckDB / pandas; prints rows and bytes per file.
+    Export(crate::export::ExportOptions),
 }
 
 #[derive(Debug, Clone, Args)]
@@ -164,6 +167,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 .await
                 .context("rebuilding the jobs projection")?;
             println!("{summary}");
+        }
+        Command::Export(options) => {
+            let summary = crate::export::export(&pool, &options)
+                .await
+                .with_context(|| format!("exporting into {}", options.out.display()))?;
+            print!("{summary}");
         }
     }
     Ok(())

@@ -20,6 +20,7 @@ pub mod config;
 mod decode;
 pub mod error;
 pub mod executors;
+pub mod export;
 pub mod jobs;
 pub mod rebuild;
 pub mod runner;

@@ -2,6 +2,7 @@
 
 mod audit;
 mod executors;
+mod export;
 mod helpers;
 mod usage;
 
