@@ -32,18 +32,21 @@ pub struct ProjectionStatus {
     pub last_error: Option<String>,
 }
 
+/// name, position, events applied, updated at, last error.
+type CheckpointRow = (
+    String,
+    Option<i64>,
+    Option<i64>,
+    Option<DateTime<Utc>>,
+    Option<String>,
+);
+
 /// Every known projection and any other with a checkpoint row, by name.
 pub async fn statuses(pool: &PgPool) -> Result<Vec<ProjectionStatus>, sqlx::Error> {
     let head: i64 = sqlx::query_scalar("SELECT COALESCE(max(global_position), 0) FROM events")
         .fetch_one(pool)
         .await?;
-    let rows: Vec<(
-        String,
-        Option<i64>,
-        Option<i64>,
-        Option<DateTime<Utc>>,
-        Option<String>,
-    )> = sqlx::query_as(
+    let rows: Vec<CheckpointRow> = sqlx::query_as(
         "SELECT n.name, c.position, c.events_applied, c.updated_at, c.last_error
                FROM (SELECT unnest($1::text[]) AS name
                      UNION SELECT projection FROM projection_checkpoints) n
