@@ -105,37 +105,42 @@ impl Scheduler {
             }
             let now = Utc::now();
             self.expire_leases(&mut state, now).await;
-            for assignment in schedule(&state.snapshot(now, &policy), now, &policy) {
-                let job_id = assignment.job_id;
+            // Different jobs: the commands run concurrently (and share group commits).
+            let assignments = schedule(&state.snapshot(now, &policy), now, &policy);
+            let outcomes = futures::future::join_all(assignments.into_iter().map(|a| async {
                 let run_id = Uuid::new_v4();
                 let command = JobCommand::AssignRun {
                     run_id,
-                    executor_id: assignment.executor_id.clone(),
-                    gpu_uuids: assignment.gpu_uuids.clone(),
-                    decision: assignment.decision.clone(),
+                    executor_id: a.executor_id.clone(),
+                    gpu_uuids: a.gpu_uuids.clone(),
+                    decision: a.decision.clone(),
                     at: now,
                 };
-                match self.bus.job(job_id, command, &context()).await {
+                let outcome = self.bus.job(a.job_id, command, &context()).await;
+                (a, run_id, outcome)
+            }))
+            .await;
+            for (a, run_id, outcome) in outcomes {
+                match outcome {
                     Ok(_) => {
                         // Held at once, so the next pass does not place it again before the
                         // event is read back (folding it twice changes nothing).
-                        state.apply_job(
-                            job_id,
-                            &JobEvent::RunAssigned {
-                                run_id,
-                                attempt: 0,
-                                executor_id: assignment.executor_id,
-                                gpu_uuids: assignment.gpu_uuids,
-                                decision: assignment.decision,
-                                at: now,
-                            },
-                            &policy,
-                        );
+                        let event = JobEvent::RunAssigned {
+                            run_id,
+                            attempt: 0,
+                            executor_id: a.executor_id,
+                            gpu_uuids: a.gpu_uuids,
+                            decision: a.decision,
+                            at: now,
+                        };
+                        state.apply_job(a.job_id, &event, &policy);
                     }
                     Err(CommandError::Domain(error)) => {
-                        tracing::debug!(%job_id, %error, "assignment refused; the state catches up");
+                        tracing::debug!(job_id = %a.job_id, %error, "assignment refused; the state catches up");
                     }
-                    Err(error) => return Err(anyhow::anyhow!("assigning {job_id}: {error}")),
+                    Err(error) => {
+                        return Err(anyhow::anyhow!("assigning {}: {error}", a.job_id));
+                    }
                 }
             }
             tokio::select! {
