@@ -42,8 +42,10 @@ async fn runs_give_exact_usage_rows_and_survive_redelivery() {
         .await;
     app.report(&done, &done_run, "started", executor.clone())
         .await;
-    app.report(&done, &done_run, "succeeded", executor.clone())
-        .await;
+    let mut end = executor.clone();
+    end["utilisation"] =
+        json!({"gpu_seconds_sampled": 12.5, "gpu_seconds_busy": 10.25, "peak_memory_mb": 70000});
+    app.report(&done, &done_run, "succeeded", end).await;
     // Cancelled while running on an executor never registered (model unknown).
     let mut body = helpers::job_body(1);
     body["gpus"] = json!(1);
@@ -81,6 +83,7 @@ async fn runs_give_exact_usage_rows_and_survive_redelivery() {
             "gpu_model": "NVIDIA H100 80GB HBM3",
             "started_at": app.at(&done, "RunStarted", 0).await,
             "ended_at": app.at(&done, "RunSucceeded", 0).await,
+            "gpu_seconds_sampled": 12.5, "gpu_seconds_busy": 10.25, "peak_memory_mb": 70000,
         })
     );
     assert_eq!(
@@ -91,6 +94,7 @@ async fn runs_give_exact_usage_rows_and_survive_redelivery() {
             "gpu_uuids": ["GPU-z"], "gpu_model": null,
             "started_at": app.at(&cancelled, "RunStarted", 0).await,
             "ended_at": app.at(&cancelled, "JobCancelled", 0).await,
+            "gpu_seconds_sampled": null, "gpu_seconds_busy": null, "peak_memory_mb": null,
         })
     );
     let row = usage_row(&app, &running_run).await;
