@@ -98,6 +98,7 @@ pub struct RunRecord {
     pub job_id: Uuid,
     pub run_id: Uuid,
     pub gpu_uuids: Vec<String>,
+    #[serde(flatten)]
     pub state: RecordState,
 }
 
@@ -613,7 +614,15 @@ async fn report_progress(
 ) {
     let mut report_seq = 0u64;
     let mut last_sent: Option<tokio::time::Instant> = None;
+    let mut stopped = stop.subscribe();
+    // Once the run is cancelled (or no longer ours) its progress is of no interest.
+    let silenced = |stopped: &watch::Receiver<Option<Stop>>| {
+        matches!(&*stopped.borrow(), Some(Stop::Cancel | Stop::Refused(_)))
+    };
     loop {
+        if silenced(&stopped) {
+            return;
+        }
         let is_finished = *finished.borrow_and_update();
         if pending.lock().unwrap().is_empty() {
             if is_finished {
@@ -622,11 +631,15 @@ async fn report_progress(
             tokio::select! {
                 () = ready.notified() => {}
                 _ = finished.changed() => {}
+                _ = stopped.changed() => {}
             }
             continue;
         }
         if let Some(at) = last_sent {
-            tokio::time::sleep_until(at + progress::MIN_INTERVAL).await;
+            tokio::select! {
+                () = tokio::time::sleep_until(at + progress::MIN_INTERVAL) => {}
+                _ = stopped.changed() => continue,
+            }
         }
         let Some(update) = pending.lock().unwrap().take() else {
             continue;
