@@ -43,7 +43,13 @@ impl Drop for Harness {
     }
 }
 
+/// Runs are assigned by the tests (`POST /jobs/{id}/runs`), as the scheduler would.
 pub async fn start() -> Harness {
+    start_with(false).await
+}
+
+/// With `scheduler`, the command service's own scheduler assigns the runs.
+pub async fn start_with(scheduler: bool) -> Harness {
     let db = TestDb::create().await;
     let nats = TestNats::start().await;
     let cli = Cli::parse_from([
@@ -54,6 +60,10 @@ pub async fn start() -> Harness {
         &nats.url(),
         "--addr",
         "127.0.0.1:0",
+        "--scheduler-enabled",
+        &scheduler.to_string(),
+        "--retry-base-s",
+        "1",
     ]);
     let app = Application::build(&cli.config).await.expect("app builds");
     let addr = app.local_addr();

@@ -4,3 +4,4 @@
 mod helpers;
 mod lifecycle;
 mod runs;
+mod scheduled;

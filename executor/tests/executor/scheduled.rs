@@ -1,0 +1,98 @@
+//! The executors with the command service's scheduler: submitted jobs are assigned, run on
+//! simulated GPUs and end; a failing job is retried after its backoff, then fails.
+
+use std::collections::HashMap;
+
+use chrono::{DateTime, Utc};
+use serde_json::Value;
+use uuid::Uuid;
+
+use crate::helpers::{self, count, tiles};
+
+fn at(payload: &Value) -> DateTime<Utc> {
+    payload["at"].as_str().unwrap().parse().unwrap()
+}
+
+#[tokio::test]
+async fn scheduled_jobs_run_on_the_executors_and_no_gpu_is_held_twice() {
+    let h = helpers::start_with(true).await;
+    let _a = h.executor("sched-a", "sim:2xH100-80GB", &[], 1).await;
+    let _b = h
+        .executor("sched-b", "sim:2xA100-40GB,2xL4-24GB", &[], 1)
+        .await;
+    let mut jobs = Vec::new();
+    for n in 0..8u8 {
+        let ms = (20 + 10 * u32::from(n % 3)).to_string();
+        jobs.push(
+            h.submit(
+                &tiles(&["--tiles", "6", "--ms-per-tile", &ms]),
+                1 + n % 2,
+                600,
+                0,
+            )
+            .await,
+        );
+    }
+    let failing = h
+        .submit(
+            &tiles(&[
+                "--tiles",
+                "3",
+                "--ms-per-tile",
+                "10",
+                "--fail-at",
+                "2",
+                "--exit-code",
+                "3",
+            ]),
+            1,
+            600,
+            1,
+        )
+        .await;
+
+    let mut all: HashMap<Uuid, Vec<(String, Value)>> = HashMap::new();
+    for &job in &jobs {
+        all.insert(job, h.wait_for_event(job, "JobSucceeded").await);
+    }
+    let failed = h.wait_for_event(failing, "JobFailed").await;
+    // Failed, retried after its backoff on a new run, failed again: the job fails.
+    assert_eq!(count(&failed, "RunAssigned"), 2, "{failed:?}");
+    assert_eq!(count(&failed, "RunFailed"), 2);
+    assert_eq!(count(&failed, "RetryScheduled"), 1);
+    for (t, p) in &failed {
+        if t == "RunFailed" {
+            assert_eq!(p["RunFailed"]["exit_code"], 3);
+        }
+    }
+    all.insert(failing, failed);
+
+    // No GPU was held by two runs at once: from assignment to the run's end.
+    let mut held: HashMap<String, Vec<(DateTime<Utc>, DateTime<Utc>)>> = HashMap::new();
+    for events in all.values() {
+        let mut open: HashMap<String, (DateTime<Utc>, Vec<String>)> = HashMap::new();
+        for (t, p) in events {
+            let p = &p[t];
+            match t.as_str() {
+                "RunAssigned" => {
+                    let gpus = serde_json::from_value(p["gpu_uuids"].clone()).unwrap();
+                    open.insert(p["run_id"].as_str().unwrap().into(), (at(p), gpus));
+                }
+                "RunSucceeded" | "RunFailed" | "RunTimedOut" => {
+                    let (from, gpus) = open.remove(p["run_id"].as_str().unwrap()).unwrap();
+                    for gpu in gpus {
+                        held.entry(gpu).or_default().push((from, at(p)));
+                    }
+                }
+                _ => {}
+            }
+        }
+        assert!(open.is_empty(), "a run never ended: {open:?}");
+    }
+    for (gpu, mut spans) in held {
+        spans.sort();
+        for pair in spans.windows(2) {
+            assert!(pair[0].1 <= pair[1].0, "GPU {gpu} held twice: {pair:?}");
+        }
+    }
+}
