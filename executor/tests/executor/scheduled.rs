@@ -9,6 +9,9 @@ use uuid::Uuid;
 
 use crate::helpers::{self, count, tiles};
 
+/// When a GPU was held: from the run's assignment to its end.
+type Span = (DateTime<Utc>, DateTime<Utc>);
+
 fn at(payload: &Value) -> DateTime<Utc> {
     payload["at"].as_str().unwrap().parse().unwrap()
 }
@@ -68,7 +71,7 @@ async fn scheduled_jobs_run_on_the_executors_and_no_gpu_is_held_twice() {
     all.insert(failing, failed);
 
     // No GPU was held by two runs at once: from assignment to the run's end.
-    let mut held: HashMap<String, Vec<(DateTime<Utc>, DateTime<Utc>)>> = HashMap::new();
+    let mut held: HashMap<String, Vec<Span>> = HashMap::new();
     for events in all.values() {
         let mut open: HashMap<String, (DateTime<Utc>, Vec<String>)> = HashMap::new();
         for (t, p) in events {
