@@ -150,14 +150,12 @@ impl Harness {
         let child = Command::new(EXECUTOR)
             .args(["--executor-id", id, "--gpus", gpus, "--work-dir"])
             .arg(self.work_dir(id))
-            .args([
-                "--lease-s",
-                "30",
-                "--kill-grace-s",
-                "2",
-                "--telemetry-interval-ms",
-                "200",
-            ])
+            .args(if extra.contains(&"--lease-s") {
+                &[][..]
+            } else {
+                &["--lease-s", "30"][..]
+            })
+            .args(["--kill-grace-s", "2", "--telemetry-interval-ms", "200"])
             .args(extra)
             .env("OVERFLY_COMMAND_URL", &self.url)
             .env("NATS_URL", self.nats.url())

@@ -99,3 +99,41 @@ async fn scheduled_jobs_run_on_the_executors_and_no_gpu_is_held_twice() {
         }
     }
 }
+
+#[tokio::test]
+async fn the_run_of_a_crashed_executor_is_retried_on_another_after_its_lease() {
+    let h = helpers::start_with(true).await;
+    let mut a = h
+        .executor("lease-a", "sim:1xH100-80GB", &["--lease-s", "2"], 1)
+        .await;
+    let job = h
+        .submit(&tiles(&["--tiles", "60", "--ms-per-tile", "50"]), 1, 600, 2)
+        .await;
+    let events = h.wait_for_event(job, "RunStarted").await;
+    let first: Vec<_> = events.iter().filter(|(t, _)| t == "RunAssigned").collect();
+    assert_eq!(first[0].1["RunAssigned"]["executor_id"], "lease-a");
+    let _b = h
+        .executor("lease-b", "sim:1xH100-80GB", &["--lease-s", "2"], 1)
+        .await;
+    a.crash();
+
+    let events = h.wait_for_event(job, "JobSucceeded").await;
+    let failed = events
+        .iter()
+        .find(|(t, _)| t == "RunFailed")
+        .map(|(_, p)| &p["RunFailed"])
+        .expect("the crashed executor's run failed");
+    assert_eq!(failed["executor_id"], "lease-a");
+    assert_eq!(failed["retryable"], true);
+    let succeeded = events
+        .iter()
+        .find(|(t, _)| t == "RunSucceeded")
+        .map(|(_, p)| &p["RunSucceeded"])
+        .unwrap();
+    assert_eq!(succeeded["executor_id"], "lease-b");
+    assert!(
+        h.executor_events("lease-a")
+            .await
+            .contains(&"ExecutorLost".to_string())
+    );
+}
