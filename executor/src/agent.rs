@@ -555,7 +555,18 @@ async fn recover(shared: &Arc<Shared>) {
             continue;
         };
         match record.state {
-            RecordState::Done => {}
+            RecordState::Done => {
+                // Finished runs' directories are kept a week for inspection.
+                let old = entry
+                    .metadata()
+                    .and_then(|m| m.modified())
+                    .ok()
+                    .and_then(|t| t.elapsed().ok())
+                    .is_some_and(|age| age > Duration::from_secs(7 * 24 * 3600));
+                if old {
+                    let _ = std::fs::remove_dir_all(entry.path());
+                }
+            }
             RecordState::Accepted => {
                 tracing::info!(run_id = %record.run_id, "starting a run accepted before the restart");
                 start_run(shared, record);

@@ -137,3 +137,59 @@ async fn the_run_of_a_crashed_executor_is_retried_on_another_after_its_lease() {
             .contains(&"ExecutorLost".to_string())
     );
 }
+
+/// A partitioned executor (frozen past its lease) comes back to find its run failed by the
+/// scheduler: it stops the workload, reports nothing more, and registers again.
+#[tokio::test]
+async fn an_executor_back_from_a_partition_stops_the_runs_it_lost() {
+    let h = helpers::start_with(true).await;
+    let executor = h
+        .executor("stale-a", "sim:1xH100-80GB", &["--lease-s", "2"], 1)
+        .await;
+    let job = h
+        .submit(
+            &tiles(&["--tiles", "100000", "--ms-per-tile", "50"]),
+            1,
+            600,
+            0,
+        )
+        .await;
+    let events = h.wait_for_event(job, "RunProgressed").await;
+    let run: Uuid = crate::helpers::payload(&events, "RunAssigned")["run_id"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let pid = h.wait_for_pid("stale-a", run).await;
+
+    executor.signal(nix::sys::signal::Signal::SIGSTOP);
+    let events = h.wait_for_event(job, "JobFailed").await;
+    let recorded = events.len();
+    assert!(
+        helpers::group_alive(pid),
+        "the workload runs on while its executor is frozen"
+    );
+    executor.signal(nix::sys::signal::Signal::SIGCONT);
+
+    h.wait_until("the lost run's workload to be stopped", async || {
+        !helpers::group_alive(pid)
+    })
+    .await;
+    h.wait_for_done("stale-a", run).await;
+    h.wait_until("the executor to register again", async || {
+        h.executor_events("stale-a")
+            .await
+            .iter()
+            .filter(|e| *e == "ExecutorRegistered")
+            .count()
+            == 2
+    })
+    .await;
+    let after = h.events(job).await;
+    assert_eq!(
+        after.len(),
+        recorded,
+        "reported after the run was failed: {:?}",
+        &after[recorded..]
+    );
+}
