@@ -18,24 +18,35 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Apply migrations, then run the jobs and the executors projections from JetStream (the
-    /// default).
+    /// Apply migrations, then run the jobs, executors and usage projections from JetStream
+    /// (the default).
     Run,
-    /// Build the jobs projection from the event store into SCHEMA (dropped and re-created
+    /// Build PROJECTION from the event store into SCHEMA (its tables dropped and re-created
     /// there), beside the live tables, and print how many events were applied.
     RebuildInto {
+        /// jobs, executors or usage.
+        #[arg(value_parser = projection_name)]
+        projection: String,
         /// Target schema, e.g. `rebuild_jobs`; never `public`.
         schema: String,
     },
-    /// Rebuild the jobs projection from event 0 into a shadow schema, diff it against the live
-    /// tables (at the live checkpoint) and print every difference; exits non-zero on drift.
-    Verify,
-    /// Rebuild the jobs projection from event 0 beside the live one (which keeps serving),
-    /// catch up, then swap it in atomically; logs progress and prints a summary.
+    /// Rebuild a projection (or each) from event 0 into a shadow schema, diff it against the
+    /// live tables (at the live checkpoint) and print every difference; exits non-zero on drift.
+    Verify {
+        /// jobs, executors, usage, or all.
+        #[arg(default_value = "all", value_parser = projection_or_all)]
+        projection: String,
+    },
+    /// Rebuild PROJECTION from event 0 beside the live one (which keeps serving), catch up,
+    /// then swap it in atomically; logs progress and prints a summary.
     Rebuild {
-        /// Shadow schema to build in (dropped at the end); never `public`.
-        #[arg(long, default_value = "rebuild_jobs")]
-        schema: String,
+        /// jobs, executors or usage.
+        #[arg(value_parser = projection_name)]
+        projection: String,
+        /// Shadow schema to build in (dropped at the end; `rebuild_<projection>` by default);
+        /// never `public`.
+        #[arg(long)]
+        schema: Option<String>,
         /// Events read from the store and applied per transaction.
         #[arg(long, default_value_t = crate::rebuild::BATCH)]
         events_per_batch: i64,
@@ -43,6 +54,22 @@ pub enum Command {
     /// Write the events (commit order) and the GPU usage (per run, per UTC day) as Parquet or
     /// CSV files into DIR, for DuckDB / pandas; prints rows and bytes per file.
     Export(crate::export::ExportOptions),
+}
+
+/// A projection's name, or an error listing the known ones.
+fn projection_name(name: &str) -> Result<String, String> {
+    crate::rebuild::AnyProjection::from_name(name)
+        .map(|_| name.to_string())
+        .map_err(|e| e.to_string())
+}
+
+/// A projection's name or `all`.
+fn projection_or_all(name: &str) -> Result<String, String> {
+    if name == "all" {
+        Ok(name.to_string())
+    } else {
+        projection_name(name).map_err(|e| format!("{e} (or all)"))
+    }
 }
 
 #[derive(Debug, Clone, Args)]
@@ -136,36 +163,57 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 }
             }
         }
-        Command::RebuildInto { schema } => {
-            let applied = crate::rebuild::rebuild_into(&pool, &schema)
+        Command::RebuildInto { projection, schema } => {
+            let projection = crate::rebuild::AnyProjection::from_name(&projection)?;
+            let name = crate::Projection::name(&projection);
+            let built = crate::rebuild::rebuild_projection_into(&pool, &projection, &schema)
                 .await
-                .with_context(|| format!("rebuilding the jobs projection into {schema}"))?;
-            println!("rebuilt jobs projection into schema {schema}: {applied} events applied");
+                .with_context(|| format!("rebuilding the {name} projection into {schema}"))?;
+            println!(
+                "rebuilt the {name} projection into schema {schema}: {} events read, {} applied",
+                built.read, built.applied
+            );
         }
-        Command::Verify => {
-            let report = crate::verify::verify(&pool)
-                .await
-                .context("verifying the jobs projection")?;
-            print!("{report}");
-            if !report.is_clean() {
-                anyhow::bail!(
-                    "the jobs projection drifted from the events: {} differences",
-                    report.differences.len()
-                );
+        Command::Verify { projection } => {
+            let projections = if projection == "all" {
+                crate::rebuild::AnyProjection::all()
+            } else {
+                vec![crate::rebuild::AnyProjection::from_name(&projection)?]
+            };
+            let mut drifted = Vec::new();
+            for projection in &projections {
+                let name = crate::Projection::name(projection);
+                let report = crate::verify::verify(&pool, projection)
+                    .await
+                    .with_context(|| format!("verifying the {name} projection"))?;
+                print!("{report}");
+                if !report.is_clean() {
+                    drifted.push(format!("{name}: {} differences", report.differences.len()));
+                }
+            }
+            if !drifted.is_empty() {
+                anyhow::bail!("drifted from the events: {}", drifted.join("; "));
             }
         }
         Command::Rebuild {
+            projection,
             schema,
             events_per_batch,
         } => {
+            let projection = crate::rebuild::AnyProjection::from_name(&projection)?;
             let options = crate::swap::RebuildOptions {
                 schema,
                 batch_size: events_per_batch,
                 ..Default::default()
             };
-            let summary = crate::swap::rebuild(&pool, &options)
+            let summary = crate::swap::rebuild(&pool, &projection, &options)
                 .await
-                .context("rebuilding the jobs projection")?;
+                .with_context(|| {
+                    format!(
+                        "rebuilding the {} projection",
+                        crate::Projection::name(&projection)
+                    )
+                })?;
             println!("{summary}");
         }
         Command::Export(options) => {
@@ -187,16 +235,49 @@ mod tests {
     #[test]
     fn the_command_line_is_consistent() {
         Cli::command().debug_assert();
-        let cli = Cli::parse_from(["overfly-projector", "rebuild", "--events-per-batch", "10"]);
+        let cli = Cli::parse_from([
+            "overfly-projector",
+            "rebuild",
+            "usage",
+            "--events-per-batch",
+            "10",
+        ]);
         assert!(matches!(
             cli.command,
             Some(Command::Rebuild {
                 events_per_batch: 10,
-                ..
-            })
+                schema: None,
+                ref projection,
+            }) if projection == "usage"
         ));
         assert_eq!(cli.config.batch_size, 500);
         let cli = Cli::parse_from(["overfly-projector", "verify"]);
-        assert!(matches!(cli.command, Some(Command::Verify)));
+        assert!(
+            matches!(cli.command, Some(Command::Verify { ref projection }) if projection == "all")
+        );
+        let cli = Cli::parse_from(["overfly-projector", "verify", "executors"]);
+        assert!(
+            matches!(cli.command, Some(Command::Verify { ref projection }) if projection == "executors")
+        );
+        let cli = Cli::parse_from(["overfly-projector", "rebuild-into", "jobs", "shadow_jobs"]);
+        assert!(matches!(
+            cli.command,
+            Some(Command::RebuildInto { ref projection, ref schema })
+                if projection == "jobs" && schema == "shadow_jobs"
+        ));
+        // An unknown name is refused up front, naming the known ones.
+        for args in [
+            &["overfly-projector", "verify", "leaderboard"][..],
+            &["overfly-projector", "rebuild", "leaderboard"],
+            &["overfly-projector", "rebuild-into", "leaderboard", "x"],
+        ] {
+            let error = Cli::try_parse_from(args).unwrap_err().to_string();
+            assert!(
+                error.contains("unknown projection \"leaderboard\"; the projections are: jobs, executors, usage"),
+                "{error}"
+            );
+        }
+        // A rebuild names its projection.
+        assert!(Cli::try_parse_from(["overfly-projector", "rebuild"]).is_err());
     }
 }

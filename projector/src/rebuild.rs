@@ -1,7 +1,12 @@
-//! Builds the jobs projection from the Postgres event store (commit order, batched), into a
+//! Builds any projection from the Postgres event store (commit order, batched), into a
 //! schema of its own, beside the live tables. JetStream is not involved, so its retention
 //! never matters. [`crate::verify`] (diff against live) and [`crate::swap`] (build, catch
 //! up, swap in atomically) build on this.
+//!
+//! Everything here is driven by the [`Projection`] trait: its tables (copied `LIKE … INCLUDING
+//! ALL`, so a column a migration adds is copied too), the aggregate type it reads, its apply
+//! function (the very code the live runner applies with) and its checkpoint row.
+//! [`AnyProjection`] names the projections for the command line.
 
 use std::time::{Duration, Instant};
 
@@ -10,10 +15,97 @@ use sqlx::{PgConnection, PgPool};
 
 use crate::error::ProjectionError;
 use crate::jobs;
-use crate::runner::{Last, apply_envelope, store_checkpoint};
+use crate::runner::{Executors, Jobs, Last, Projection, Table, Usage, store_checkpoint};
 
-/// The tables of the jobs projection, copied (`LIKE … INCLUDING ALL`) into the target schema.
-pub const TABLES: &[&str] = &["projection_checkpoints", "read_jobs", "read_runs"];
+/// The checkpoints table, copied into every shadow schema besides the projection's tables
+/// (the shadow keeps its own checkpoint row, in the same transactions as its rows).
+pub const CHECKPOINTS: &str = "projection_checkpoints";
+
+/// The projections, by the names the command line takes.
+pub const PROJECTIONS: &[&str] = &[
+    crate::jobs::NAME,
+    crate::executors::NAME,
+    crate::usage::NAME,
+];
+
+/// Any of the projections, chosen by name at run time; delegates to the one it holds.
+#[derive(Debug, Clone, Copy)]
+pub enum AnyProjection {
+    Jobs(Jobs),
+    Executors(Executors),
+    Usage(Usage),
+}
+
+impl AnyProjection {
+    /// Every projection, in [`PROJECTIONS`] order.
+    pub fn all() -> Vec<Self> {
+        vec![
+            Self::Jobs(Jobs),
+            Self::Executors(Executors),
+            Self::Usage(Usage),
+        ]
+    }
+
+    /// The projection called `name`; an error listing the known names otherwise.
+    pub fn from_name(name: &str) -> Result<Self, RebuildError> {
+        Self::all()
+            .into_iter()
+            .find(|p| p.name() == name)
+            .ok_or_else(|| RebuildError::UnknownProjection(name.to_string()))
+    }
+}
+
+impl std::str::FromStr for AnyProjection {
+    type Err = RebuildError;
+    fn from_str(name: &str) -> Result<Self, Self::Err> {
+        Self::from_name(name)
+    }
+}
+
+/// Delegates to the projection held.
+macro_rules! delegate {
+    ($self:ident, $p:ident => $e:expr) => {
+        match $self {
+            AnyProjection::Jobs($p) => $e,
+            AnyProjection::Executors($p) => $e,
+            AnyProjection::Usage($p) => $e,
+        }
+    };
+}
+
+impl Projection for AnyProjection {
+    fn name(&self) -> &'static str {
+        delegate!(self, p => p.name())
+    }
+    fn consumer(&self) -> &'static str {
+        delegate!(self, p => p.consumer())
+    }
+    fn filter_subject(&self) -> &'static str {
+        delegate!(self, p => p.filter_subject())
+    }
+    fn leader_lock(&self) -> i64 {
+        delegate!(self, p => p.leader_lock())
+    }
+    fn swap_lock(&self) -> i64 {
+        delegate!(self, p => p.swap_lock())
+    }
+    fn rebuild_lock(&self) -> i64 {
+        delegate!(self, p => p.rebuild_lock())
+    }
+    fn tables(&self) -> &'static [Table] {
+        delegate!(self, p => p.tables())
+    }
+    fn aggregate_type(&self) -> Option<&'static str> {
+        delegate!(self, p => p.aggregate_type())
+    }
+    async fn apply(
+        &self,
+        conn: &mut PgConnection,
+        envelope: &EventEnvelope,
+    ) -> Result<jobs::Applied, ProjectionError> {
+        delegate!(self, p => p.apply(conn, envelope).await)
+    }
+}
 
 /// Events read and applied per transaction.
 pub const BATCH: i64 = 2000;
@@ -53,8 +145,11 @@ pub enum RebuildError {
     #[error("schema name {0:?} must match [a-z_][a-z0-9_]{{0,62}} and not be public")]
     BadSchema(String),
     /// Another `rebuild` of this projection is running (on this database): wait for it.
-    #[error("another rebuild of the jobs projection is running")]
-    Busy,
+    #[error("another rebuild of the {0} projection is running")]
+    Busy(&'static str),
+    /// No projection has this name.
+    #[error("unknown projection {0:?}; the projections are: {known}", known = PROJECTIONS.join(", "))]
+    UnknownProjection(String),
     #[error(transparent)]
     Projection(#[from] ProjectionError),
 }
@@ -93,6 +188,7 @@ type Row = (
 /// total, rate and ETA.
 #[derive(Debug)]
 pub struct Progress {
+    projection: &'static str,
     phase: &'static str,
     total: u64,
     done: u64,
@@ -102,9 +198,10 @@ pub struct Progress {
 }
 
 impl Progress {
-    pub fn new(phase: &'static str, total: u64, every: Duration) -> Self {
+    pub fn new(projection: &'static str, phase: &'static str, total: u64, every: Duration) -> Self {
         let now = Instant::now();
         Self {
+            projection,
             phase,
             total,
             done: 0,
@@ -116,7 +213,7 @@ impl Progress {
 
     /// Quiet: never logs (callers that report their own way, or tests).
     pub fn quiet() -> Self {
-        Self::new("build", 0, Duration::MAX)
+        Self::new("", "build", 0, Duration::MAX)
     }
 
     pub fn set_phase(&mut self, phase: &'static str) {
@@ -164,21 +261,32 @@ impl Progress {
             0.0
         };
         tracing::info!(
-            projection = jobs::NAME,
+            projection = self.projection,
             phase = self.phase,
             done = self.done,
             total = self.total,
             rate = format!("{rate:.0} events/s"),
             eta = format!("{eta_s:.0} s"),
-            "rebuild progress: {}/{} events, {rate:.0} events/s, ETA {eta_s:.0} s",
+            "{} {} progress: {}/{} events, {rate:.0} events/s, ETA {eta_s:.0} s",
+            self.projection,
+            self.phase,
             self.done,
             self.total,
         );
     }
 }
 
+/// The tables of a shadow copy: the checkpoints and the projection's own.
+fn shadow_tables(projection: &impl Projection) -> impl Iterator<Item = &'static str> {
+    std::iter::once(CHECKPOINTS).chain(projection.tables().iter().map(|t| t.name))
+}
+
 /// Drops and re-creates the projection's tables in `schema` (empty, like the live ones).
-pub(crate) async fn create_shadow(pool: &PgPool, schema: &str) -> Result<(), RebuildError> {
+pub(crate) async fn create_shadow(
+    pool: &PgPool,
+    projection: &impl Projection,
+    schema: &str,
+) -> Result<(), RebuildError> {
     if !valid_schema(schema) {
         return Err(RebuildError::BadSchema(schema.to_string()));
     }
@@ -190,7 +298,7 @@ pub(crate) async fn create_shadow(pool: &PgPool, schema: &str) -> Result<(), Reb
     sqlx::query(&format!("CREATE SCHEMA IF NOT EXISTS {schema}"))
         .execute(&mut *tx)
         .await?;
-    for table in TABLES {
+    for table in shadow_tables(projection) {
         sqlx::query(&format!("DROP TABLE IF EXISTS {schema}.{table}"))
             .execute(&mut *tx)
             .await?;
@@ -231,13 +339,14 @@ pub(crate) struct Batch {
     pub applied: u64,
 }
 
-/// Applies the next job events after `after` (and at most up to `until`), at most `limit`, to
-/// the tables of `schema`, with the schema's checkpoint, inside the caller's transaction on
-/// `conn`; `None` when there was none. Leaves `search_path` set to `schema` for the rest of
-/// the transaction. Only events of transactions older than every running one are read (commit
-/// order: none can appear later below the cursor).
+/// Applies the projection's next events after `after` (and at most up to `until`), at most
+/// `limit`, to the tables of `schema`, with the schema's checkpoint, inside the caller's
+/// transaction on `conn`; `None` when there was none. Leaves `search_path` set to `schema` for
+/// the rest of the transaction. Only events of transactions older than every running one are
+/// read (commit order: none can appear later below the cursor).
 pub(crate) async fn apply_batch(
     conn: &mut PgConnection,
+    projection: &impl Projection,
     schema: &str,
     after: Cursor,
     until: Option<Cursor>,
@@ -258,7 +367,7 @@ pub(crate) async fn apply_batch(
           WHERE (tx_id, global_position) > ($1::text::xid8, $2)
             AND (tx_id, global_position) <= ($3::text::xid8, $4)
             AND tx_id < pg_snapshot_xmin(pg_current_snapshot())
-            AND aggregate_type = 'job'
+            AND ($6::text IS NULL OR aggregate_type = $6)
           ORDER BY tx_id, global_position
           LIMIT $5",
     )
@@ -267,6 +376,7 @@ pub(crate) async fn apply_batch(
     .bind(until.tx.to_string())
     .bind(until.position)
     .bind(limit)
+    .bind(projection.aggregate_type())
     .fetch_all(&mut *conn)
     .await?;
     let Some(last) = rows.last() else {
@@ -303,11 +413,11 @@ pub(crate) async fn apply_batch(
             metadata: serde_json::Map::new(),
             payload,
         };
-        if apply_envelope(conn, &envelope).await? == jobs::Applied::Applied {
+        if projection.apply(conn, &envelope).await? == jobs::Applied::Applied {
             applied += 1;
         }
     }
-    store_checkpoint(conn, jobs::NAME, &last, applied as usize).await?;
+    store_checkpoint(conn, projection.name(), &last, applied as usize).await?;
     let cursor =
         Cursor::parse(&last.tx_id, last.position).ok_or_else(|| ProjectionError::Malformed {
             event_type: "events row".into(),
@@ -331,10 +441,11 @@ pub struct Built {
     pub applied: u64,
 }
 
-/// Applies every job event after `after` (up to `until` when given) to `schema`, one
-/// transaction per batch of `batch` events, reporting to `progress`.
+/// Applies every event of the projection after `after` (up to `until` when given) to
+/// `schema`, one transaction per batch of `batch` events, reporting to `progress`.
 pub(crate) async fn build(
     pool: &PgPool,
+    projection: &impl Projection,
     schema: &str,
     after: Cursor,
     until: Option<Cursor>,
@@ -347,7 +458,9 @@ pub(crate) async fn build(
     };
     loop {
         let mut tx = pool.begin().await?;
-        let Some(done) = apply_batch(&mut tx, schema, built.cursor, until, batch).await? else {
+        let Some(done) =
+            apply_batch(&mut tx, projection, schema, built.cursor, until, batch).await?
+        else {
             break;
         };
         tx.commit().await?;
@@ -359,46 +472,119 @@ pub(crate) async fn build(
     Ok(built)
 }
 
-/// Drops and re-creates the projection's tables in `schema`, applies every job event of the
-/// event store to them, and returns how many events were applied. The live tables (in
-/// `public`) are not touched.
+/// The jobs projection into `schema`: [`rebuild_projection_into`] with [`Jobs`]; how many
+/// events were applied.
 pub async fn rebuild_into(pool: &PgPool, schema: &str) -> Result<u64, RebuildError> {
-    rebuild_into_until(pool, schema, None)
+    rebuild_projection_into(pool, &Jobs, schema)
         .await
         .map(|b| b.applied)
 }
 
-/// As [`rebuild_into`], but only up to the event at `until` (inclusive) when given, e.g. a
-/// live projection's checkpoint, so the copy is comparable with it while events keep coming.
+/// Drops and re-creates the projection's tables in `schema`, applies every event of the event
+/// store it reads to them, and says how far it got. The live tables (in `public`) are not
+/// touched.
+pub async fn rebuild_projection_into(
+    pool: &PgPool,
+    projection: &impl Projection,
+    schema: &str,
+) -> Result<Built, RebuildError> {
+    rebuild_into_until(pool, projection, schema, None).await
+}
+
+/// As [`rebuild_projection_into`], but only up to the event at `until` (inclusive) when given,
+/// e.g. a live projection's checkpoint, so the copy is comparable with it while events keep
+/// coming. Logs progress every second.
 pub async fn rebuild_into_until(
     pool: &PgPool,
+    projection: &impl Projection,
     schema: &str,
     until: Option<Cursor>,
 ) -> Result<Built, RebuildError> {
-    create_shadow(pool, schema).await?;
+    create_shadow(pool, projection, schema).await?;
+    let mut progress = Progress::new(
+        projection.name(),
+        "build",
+        event_count(pool, projection).await?,
+        Duration::from_secs(1),
+    );
     build(
         pool,
+        projection,
         schema,
         Cursor::ZERO,
         until,
         BATCH,
-        &mut Progress::quiet(),
+        &mut progress,
     )
     .await
 }
 
-/// The number of job events in the store (the total a rebuild works through).
-pub(crate) async fn job_events(pool: &PgPool) -> Result<u64, RebuildError> {
-    let count: i64 =
-        sqlx::query_scalar("SELECT count(*) FROM public.events WHERE aggregate_type = 'job'")
-            .fetch_one(pool)
-            .await?;
+/// The number of events in the store the projection reads (the total a rebuild works through).
+pub(crate) async fn event_count(
+    pool: &PgPool,
+    projection: &impl Projection,
+) -> Result<u64, RebuildError> {
+    let count: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM public.events WHERE $1::text IS NULL OR aggregate_type = $1",
+    )
+    .bind(projection.aggregate_type())
+    .fetch_one(pool)
+    .await?;
     Ok(u64::try_from(count).unwrap_or(0))
 }
 
 #[cfg(test)]
 mod tests {
-    use super::{Cursor, valid_schema};
+    use super::{AnyProjection, Cursor, PROJECTIONS, RebuildError, valid_schema};
+    use crate::runner::Projection;
+
+    #[test]
+    fn projections_are_found_by_name_and_unknown_names_list_the_known_ones() {
+        let names: Vec<&str> = AnyProjection::all().iter().map(|p| p.name()).collect();
+        assert_eq!(names, PROJECTIONS);
+        for name in PROJECTIONS {
+            assert_eq!(AnyProjection::from_name(name).unwrap().name(), *name);
+        }
+        let error = AnyProjection::from_name("leaderboard").unwrap_err();
+        assert!(matches!(error, RebuildError::UnknownProjection(_)));
+        assert_eq!(
+            error.to_string(),
+            "unknown projection \"leaderboard\"; the projections are: jobs, executors, usage"
+        );
+    }
+
+    /// What a rebuild reads from the store is what the runner's filter subject takes from the
+    /// stream; every table has a key, and no two projections share a table.
+    #[test]
+    fn each_projection_reads_what_its_subject_says_and_owns_its_tables() {
+        let mut tables = std::collections::HashSet::new();
+        for projection in AnyProjection::all() {
+            let expected = match projection.aggregate_type() {
+                Some(aggregate) => {
+                    format!("{}.{aggregate}.>", overfly_schemas::subjects::EVENTS_PREFIX)
+                }
+                None => overfly_schemas::subjects::EVENTS_ALL.to_string(),
+            };
+            assert_eq!(
+                projection.filter_subject(),
+                expected,
+                "{}",
+                projection.name()
+            );
+            assert!(!projection.tables().is_empty());
+            for table in projection.tables() {
+                assert!(
+                    valid_schema(table.name) && valid_schema(table.key),
+                    "{table:?}"
+                );
+                assert!(
+                    tables.insert(table.name),
+                    "{} is in two projections",
+                    table.name
+                );
+            }
+        }
+    }
 
     #[test]
     fn schema_names_are_plain_identifiers() {

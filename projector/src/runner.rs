@@ -56,6 +56,15 @@ pub trait Projection: Send + Sync + 'static {
     fn leader_lock(&self) -> i64;
     /// Transaction advisory lock taken shared by every batch, exclusively by a swap.
     fn swap_lock(&self) -> i64;
+    /// Session advisory lock held by a running `rebuild` of it (one at a time per database).
+    fn rebuild_lock(&self) -> i64;
+    /// Its read-model tables (in `public`, besides `projection_checkpoints`), each with its
+    /// primary key: what a rebuild copies, builds and swaps in, and what `verify` diffs, every
+    /// column (read from the table itself, so a column added by a migration is covered).
+    fn tables(&self) -> &'static [Table];
+    /// The aggregate type whose events it reads from the event store (a rebuild), as its
+    /// filter subject says; `None`: every event, in commit order.
+    fn aggregate_type(&self) -> Option<&'static str>;
     /// Decodes (upcasting old versions) and applies one envelope in the batch's transaction.
     /// An event type the projection does not need but knows is `AlreadyApplied`; one it does
     /// not know is an error, never skipped.
@@ -64,6 +73,13 @@ pub trait Projection: Send + Sync + 'static {
         conn: &mut PgConnection,
         envelope: &EventEnvelope,
     ) -> impl Future<Output = Result<Applied, ProjectionError>> + Send;
+}
+
+/// One read-model table of a projection and its primary key (a single column).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Table {
+    pub name: &'static str,
+    pub key: &'static str,
 }
 
 /// The jobs projection (`read_jobs`, `read_runs`): job events only.
@@ -86,6 +102,24 @@ impl Projection for Jobs {
     fn swap_lock(&self) -> i64 {
         SWAP_LOCK
     }
+    fn rebuild_lock(&self) -> i64 {
+        crate::swap::REBUILD_LOCK
+    }
+    fn tables(&self) -> &'static [Table] {
+        &[
+            Table {
+                name: "read_jobs",
+                key: "job_id",
+            },
+            Table {
+                name: "read_runs",
+                key: "run_id",
+            },
+        ]
+    }
+    fn aggregate_type(&self) -> Option<&'static str> {
+        Some("job")
+    }
     async fn apply(
         &self,
         conn: &mut PgConnection,
@@ -106,8 +140,10 @@ pub const EXECUTORS_CONSUMER: &str = "projector-executors";
 pub const EXECUTORS_FILTER: &str = "overfly.events.>";
 /// Advisory lock key of the executors projection's runner (`…7904` is `swap::REBUILD_LOCK`).
 pub const EXECUTORS_LEADER_LOCK: i64 = 0x6f76_6572_666c_7905;
-/// Swap lock of the executors projection (no rebuild swaps it yet; batches take it anyway).
+/// Transaction advisory lock between the executors runner's batches and a rebuild's swap.
 pub const EXECUTORS_SWAP_LOCK: i64 = 0x6f76_6572_666c_7906;
+/// Session advisory lock held by a running rebuild of the executors projection.
+pub const EXECUTORS_REBUILD_LOCK: i64 = 0x6f76_6572_666c_7909;
 
 impl Projection for Executors {
     fn name(&self) -> &'static str {
@@ -124,6 +160,24 @@ impl Projection for Executors {
     }
     fn swap_lock(&self) -> i64 {
         EXECUTORS_SWAP_LOCK
+    }
+    fn rebuild_lock(&self) -> i64 {
+        EXECUTORS_REBUILD_LOCK
+    }
+    fn tables(&self) -> &'static [Table] {
+        &[
+            Table {
+                name: "read_executors",
+                key: "executor_id",
+            },
+            Table {
+                name: "read_gpus",
+                key: "gpu_uuid",
+            },
+        ]
+    }
+    fn aggregate_type(&self) -> Option<&'static str> {
+        None
     }
     async fn apply(
         &self,
@@ -143,8 +197,10 @@ pub struct Usage;
 pub const USAGE_CONSUMER: &str = "projector-usage";
 /// Advisory lock key of the usage projection's runner.
 pub const USAGE_LEADER_LOCK: i64 = 0x6f76_6572_666c_7907;
-/// Swap lock of the usage projection (no rebuild swaps it yet; batches take it anyway).
+/// Transaction advisory lock between the usage runner's batches and a rebuild's swap.
 pub const USAGE_SWAP_LOCK: i64 = 0x6f76_6572_666c_7908;
+/// Session advisory lock held by a running rebuild of the usage projection.
+pub const USAGE_REBUILD_LOCK: i64 = 0x6f76_6572_666c_790a;
 
 impl Projection for Usage {
     fn name(&self) -> &'static str {
@@ -161,6 +217,28 @@ impl Projection for Usage {
     }
     fn swap_lock(&self) -> i64 {
         USAGE_SWAP_LOCK
+    }
+    fn rebuild_lock(&self) -> i64 {
+        USAGE_REBUILD_LOCK
+    }
+    fn tables(&self) -> &'static [Table] {
+        &[
+            Table {
+                name: "read_usage_jobs",
+                key: "job_id",
+            },
+            Table {
+                name: "read_usage_gpus",
+                key: "gpu_uuid",
+            },
+            Table {
+                name: "read_usage_runs",
+                key: "run_id",
+            },
+        ]
+    }
+    fn aggregate_type(&self) -> Option<&'static str> {
+        None
     }
     async fn apply(
         &self,
@@ -675,6 +753,8 @@ mod tests {
             EXECUTORS_SWAP_LOCK,
             USAGE_LEADER_LOCK,
             USAGE_SWAP_LOCK,
+            EXECUTORS_REBUILD_LOCK,
+            USAGE_REBUILD_LOCK,
         ];
         let distinct: std::collections::HashSet<i64> = keys.into_iter().collect();
         assert_eq!(distinct.len(), keys.len());

@@ -1,10 +1,12 @@
-//! `rebuild`: builds the jobs projection from event 0 into a shadow schema while the live one
-//! keeps serving, catches up, then swaps it in atomically.
+//! `rebuild`: builds a projection (any [`Projection`]: jobs, executors, usage) from event 0
+//! into a shadow schema while the live one keeps serving, catches up, then swaps it in
+//! atomically. The tables, locks and checkpoint row are the projection's own.
 //!
-//! 1. **Bulk**: every job event of the store, batched, one transaction per batch.
+//! 1. **Bulk**: every event of the store the projection reads, batched, one transaction per
+//!    batch.
 //! 2. **Catch up**: the tail (events after the shadow's checkpoint) again and again until a
 //!    round reads at most `close_enough` events (or `max_rounds` ran).
-//! 3. **Swap**, in one transaction: take [`SWAP_LOCK`] exclusively (the live runner's batches
+//! 3. **Swap**, in one transaction: take its swap lock exclusively (the live runner's batches
 //!    take it shared, so none is in flight and the next waits), apply the last tail, rename
 //!    the live tables (and their indexes) away, move the shadow tables (indexes follow) into
 //!    `public` under the live names, and write the shadow's cursor into the live checkpoint
@@ -27,21 +29,19 @@ use std::time::Duration;
 
 use sqlx::{PgConnection, PgPool};
 
-use crate::jobs;
 use crate::rebuild::{self, Built, Cursor, Progress, RebuildError};
-use crate::runner::SWAP_LOCK;
+use crate::runner::Projection;
 
-/// Session advisory lock held by a running `rebuild` ("overfly-rbd-jobs").
+/// Session advisory lock held by a running `rebuild` of the jobs projection
+/// ("overfly-rbd-jobs"; the others' are in `runner`, beside their other locks).
 pub const REBUILD_LOCK: i64 = 0x6f76_6572_666c_7904;
-
-/// The live tables the swap replaces.
-const SWAPPED: &[&str] = &["read_jobs", "read_runs"];
 
 /// How a rebuild runs.
 #[derive(Debug, Clone)]
 pub struct RebuildOptions {
-    /// The shadow schema (dropped and re-created; dropped at the end).
-    pub schema: String,
+    /// The shadow schema (dropped and re-created; dropped at the end); `None`:
+    /// `rebuild_<projection>`.
+    pub schema: Option<String>,
     /// Events per transaction.
     pub batch_size: i64,
     /// Catch-up ends when a round reads at most this many events.
@@ -60,7 +60,7 @@ pub struct RebuildOptions {
 impl Default for RebuildOptions {
     fn default() -> Self {
         Self {
-            schema: "rebuild_jobs".to_string(),
+            schema: None,
             batch_size: rebuild::BATCH,
             close_enough: 500,
             max_rounds: 20,
@@ -71,9 +71,20 @@ impl Default for RebuildOptions {
     }
 }
 
+impl RebuildOptions {
+    /// The shadow schema for `projection`.
+    pub fn schema_for(&self, projection: &impl Projection) -> String {
+        self.schema
+            .clone()
+            .unwrap_or_else(|| format!("rebuild_{}", projection.name()))
+    }
+}
+
 /// What a rebuild did.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RebuildSummary {
+    /// The projection rebuilt.
+    pub projection: &'static str,
     /// Events read from the store (bulk, catch-up and the swap's tail).
     pub events_read: u64,
     /// Events applied to the new tables.
@@ -89,9 +100,8 @@ pub struct RebuildSummary {
     pub cursor: Cursor,
     /// The live checkpoint's JetStream sequence, kept through the swap.
     pub stream_sequence: i64,
-    /// Rows of the new tables.
-    pub jobs: i64,
-    pub runs: i64,
+    /// Rows of each new table, in the projection's table order.
+    pub rows: Vec<(&'static str, i64)>,
     /// Wall time, and events read per second over it.
     pub elapsed: Duration,
     pub rate: f64,
@@ -99,17 +109,32 @@ pub struct RebuildSummary {
     pub swap_time: Duration,
 }
 
+impl RebuildSummary {
+    /// Rows of the new `table` (0 if it is not the projection's).
+    pub fn rows_of(&self, table: &str) -> i64 {
+        self.rows
+            .iter()
+            .find(|(name, _)| *name == table)
+            .map_or(0, |(_, rows)| *rows)
+    }
+}
+
 impl std::fmt::Display for RebuildSummary {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let rows: Vec<String> = self
+            .rows
+            .iter()
+            .map(|(table, rows)| format!("{table} {rows} rows"))
+            .collect();
         write!(
             f,
-            "rebuilt and swapped in the jobs projection: {} events read, {} applied, {} jobs, \
-             {} runs, at {}, in {:.2} s ({:.0} events/s); {} catch-up rounds, {} events \
-             applied during the swap ({} ms, {} attempts)",
+            "rebuilt and swapped in the {} projection: {} events read, {} applied, {}, at {}, \
+             in {:.2} s ({:.0} events/s); {} catch-up rounds, {} events applied during the \
+             swap ({} ms, {} attempts)",
+            self.projection,
             self.events_read,
             self.events_applied,
-            self.jobs,
-            self.runs,
+            rows.join(", "),
             self.cursor,
             self.elapsed.as_secs_f64(),
             self.rate,
@@ -121,25 +146,27 @@ impl std::fmt::Display for RebuildSummary {
     }
 }
 
-/// Rebuilds the jobs projection from event 0 beside the live one and swaps it in.
-#[tracing::instrument(name = "projector.jobs.rebuild", skip_all, fields(schema = %options.schema))]
+/// Rebuilds `projection` from event 0 beside the live one and swaps it in.
+#[tracing::instrument(name = "projector.rebuild", skip_all, fields(projection = projection.name()))]
 pub async fn rebuild(
     pool: &PgPool,
+    projection: &impl Projection,
     options: &RebuildOptions,
 ) -> Result<RebuildSummary, RebuildError> {
-    let schema = options.schema.as_str();
+    let schema = options.schema_for(projection);
+    let schema = schema.as_str();
     // One rebuild at a time: held on this connection until the end (or its loss).
     let mut guard = pool.acquire().await?;
     let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
-        .bind(REBUILD_LOCK)
+        .bind(projection.rebuild_lock())
         .fetch_one(&mut *guard)
         .await?;
     if !locked {
-        return Err(RebuildError::Busy);
+        return Err(RebuildError::Busy(projection.name()));
     }
     let result = async {
-        rebuild::create_shadow(pool, schema).await?;
-        rebuild_in(pool, options).await
+        rebuild::create_shadow(pool, projection, schema).await?;
+        rebuild_in(pool, projection, schema, options).await
     }
     .await;
     if result.is_err()
@@ -148,7 +175,7 @@ pub async fn rebuild(
         tracing::warn!(schema, error = %error, "could not drop the shadow schema");
     }
     if let Err(error) = sqlx::query("SELECT pg_advisory_unlock($1)")
-        .bind(REBUILD_LOCK)
+        .bind(projection.rebuild_lock())
         .execute(&mut *guard)
         .await
     {
@@ -161,14 +188,22 @@ pub async fn rebuild(
 
 async fn rebuild_in(
     pool: &PgPool,
+    projection: &impl Projection,
+    schema: &str,
     options: &RebuildOptions,
 ) -> Result<RebuildSummary, RebuildError> {
-    let schema = options.schema.as_str();
-    let total = rebuild::job_events(pool).await?;
-    tracing::info!(schema, total, "rebuilding the jobs projection from event 0");
-    let mut progress = Progress::new("bulk", total, options.progress_every);
+    let name = projection.name();
+    let total = rebuild::event_count(pool, projection).await?;
+    tracing::info!(
+        projection = name,
+        schema,
+        total,
+        "rebuilding the {name} projection from event 0"
+    );
+    let mut progress = Progress::new(name, "bulk", total, options.progress_every);
     let bulk = rebuild::build(
         pool,
+        projection,
         schema,
         Cursor::ZERO,
         None,
@@ -180,9 +215,10 @@ async fn rebuild_in(
     progress.set_phase("catch-up");
     let mut rounds = 0;
     while rounds < options.max_rounds {
-        progress.set_total(rebuild::job_events(pool).await?);
+        progress.set_total(rebuild::event_count(pool, projection).await?);
         let tail = rebuild::build(
             pool,
+            projection,
             schema,
             built.cursor,
             None,
@@ -206,7 +242,7 @@ async fn rebuild_in(
     let mut attempts = 0;
     let (swap_tail, stream_sequence) = loop {
         attempts += 1;
-        match swap(pool, options, &mut built).await {
+        match swap(pool, projection, schema, options, &mut built).await {
             Ok(done) => break done,
             Err(error) if attempts < options.swap_attempts && is_lock_timeout(&error) => {
                 tracing::warn!(
@@ -221,18 +257,21 @@ async fn rebuild_in(
     };
     progress.advance(swap_tail);
     let swap_time = swap_started.elapsed();
-    tracing::info!(cursor = %built.cursor, attempts, swap_ms = swap_time.as_millis() as u64, "swapped in");
-    let (jobs, runs): (i64, i64) = sqlx::query_as(
-        "SELECT (SELECT count(*) FROM public.read_jobs), (SELECT count(*) FROM public.read_runs)",
-    )
-    .fetch_one(pool)
-    .await?;
+    tracing::info!(projection = name, cursor = %built.cursor, attempts, swap_ms = swap_time.as_millis() as u64, "swapped in");
+    let mut rows = Vec::new();
+    for table in projection.tables() {
+        let count: i64 = sqlx::query_scalar(&format!("SELECT count(*) FROM public.{}", table.name))
+            .fetch_one(pool)
+            .await?;
+        rows.push((table.name, count));
+    }
 
     let mut tx = pool.begin().await?;
     sqlx::query("SET LOCAL client_min_messages = warning")
         .execute(&mut *tx)
         .await?;
-    for table in SWAPPED {
+    for table in projection.tables() {
+        let table = table.name;
         sqlx::query(&format!("DROP TABLE IF EXISTS public.{table}_old"))
             .execute(&mut *tx)
             .await?;
@@ -241,6 +280,7 @@ async fn rebuild_in(
     rebuild::drop_shadow(pool, schema).await?;
 
     let summary = RebuildSummary {
+        projection: name,
         events_read: built.read,
         events_applied: built.applied,
         catch_up_rounds: rounds,
@@ -248,8 +288,7 @@ async fn rebuild_in(
         swap_attempts: attempts,
         cursor: built.cursor,
         stream_sequence,
-        jobs,
-        runs,
+        rows,
         elapsed: progress.elapsed(),
         rate: progress.rate(),
         swap_time,
@@ -263,19 +302,27 @@ async fn rebuild_in(
 /// on success the events read in it and the kept stream sequence.
 async fn swap(
     pool: &PgPool,
+    projection: &impl Projection,
+    schema: &str,
     options: &RebuildOptions,
     built: &mut Built,
 ) -> Result<(u64, i64), RebuildError> {
-    let schema = options.schema.as_str();
     let mut tx = pool.begin().await?;
     sqlx::query("SELECT pg_advisory_xact_lock($1)")
-        .bind(SWAP_LOCK)
+        .bind(projection.swap_lock())
         .execute(&mut *tx)
         .await?;
     let mut done = *built;
     let mut swap_tail = 0;
-    while let Some(batch) =
-        rebuild::apply_batch(&mut tx, schema, done.cursor, None, options.batch_size).await?
+    while let Some(batch) = rebuild::apply_batch(
+        &mut tx,
+        projection,
+        schema,
+        done.cursor,
+        None,
+        options.batch_size,
+    )
+    .await?
     {
         done.cursor = batch.cursor;
         done.read += batch.read;
@@ -293,13 +340,13 @@ async fn swap(
         options.lock_timeout.as_millis().max(1)
     );
     sqlx::query(&timeout).execute(&mut *tx).await?;
-    for table in SWAPPED {
-        swap_table(&mut tx, schema, table).await?;
+    for table in projection.tables() {
+        swap_table(&mut tx, schema, table.name).await?;
     }
     let (events_applied,): (i64,) = sqlx::query_as(&format!(
         "SELECT events_applied FROM {schema}.projection_checkpoints WHERE projection = $1"
     ))
-    .bind(jobs::NAME)
+    .bind(projection.name())
     .fetch_optional(&mut *tx)
     .await?
     .unwrap_or((0,));
@@ -314,7 +361,7 @@ async fn swap(
                 events_applied = EXCLUDED.events_applied, updated_at = now(), last_error = NULL
          RETURNING stream_sequence",
     )
-    .bind(jobs::NAME)
+    .bind(projection.name())
     .bind(done.cursor.tx.to_string())
     .bind(done.cursor.position)
     .bind(events_applied)

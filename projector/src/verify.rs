@@ -1,12 +1,18 @@
-//! `verify`: an audit that the live jobs read model is exactly what the events say. Rebuilds
-//! the projection from event 0 into a shadow schema up to the live checkpoint's cursor, diffs
-//! every column of every row both ways, and drops the shadow.
+//! `verify`: an audit that a live read model (any [`Projection`]: jobs, executors, usage) is
+//! exactly what the events say. Rebuilds the projection from event 0 into a shadow schema up
+//! to the live checkpoint's cursor, diffs every column of every row of each of its tables both
+//! ways, keyed by the table's primary key, and drops the shadow.
 //!
 //! Like for like while events keep coming: the bulk of the shadow is built (committed, in
 //! batches) up to the live checkpoint read at the start; then one `REPEATABLE READ`
 //! transaction reads the live checkpoint again, applies the events between the two to the
 //! shadow, and diffs, all in that one snapshot. The live tables and their checkpoint are
 //! committed together, so in the snapshot they agree; the runner is never paused.
+//!
+//! Generic over columns: rows are compared as `to_jsonb(row)` (so every type compares, `json`
+//! included), and a differing row's columns are named from its JSON, in the live table's column
+//! order. The shadow is created `LIKE` the live table, so a column a migration adds is
+//! compared without any change here.
 
 use std::fmt;
 
@@ -15,17 +21,18 @@ use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
 use crate::rebuild::{self, Cursor, Progress, RebuildError};
+use crate::runner::{Projection, Table};
 
-/// What `verify` found.
+/// What `verify` found for one projection.
 #[derive(Debug, Clone, PartialEq)]
 pub struct VerifyReport {
+    /// The projection verified.
+    pub projection: &'static str,
     /// The live checkpoint's cursor both copies were compared at.
     pub cursor: Cursor,
-    /// Distinct job ids in either copy.
-    pub jobs_compared: u64,
-    /// Distinct run ids in either copy.
-    pub runs_compared: u64,
-    /// Every difference, `read_jobs` first, each table in key order.
+    /// Each table compared, with the number of distinct keys in either copy.
+    pub tables: Vec<(&'static str, u64)>,
+    /// Every difference, table by table in the projection's order, each table in key order.
     pub differences: Vec<Difference>,
 }
 
@@ -34,16 +41,29 @@ impl VerifyReport {
     pub fn is_clean(&self) -> bool {
         self.differences.is_empty()
     }
+
+    /// Distinct keys of `table` in either copy (0 if it is not the projection's).
+    pub fn compared(&self, table: &str) -> u64 {
+        self.tables
+            .iter()
+            .find(|(name, _)| *name == table)
+            .map_or(0, |(_, rows)| *rows)
+    }
 }
 
 impl fmt::Display for VerifyReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let tables: Vec<String> = self
+            .tables
+            .iter()
+            .map(|(table, rows)| format!("{table} {rows} rows"))
+            .collect();
         writeln!(
             f,
-            "jobs projection verified at {}: {} jobs, {} runs compared, {} differences",
+            "{} projection verified at {}: {} compared, {} differences",
+            self.projection,
             self.cursor,
-            self.jobs_compared,
-            self.runs_compared,
+            tables.join(", "),
             self.differences.len()
         )?;
         for difference in &self.differences {
@@ -55,17 +75,25 @@ impl fmt::Display for VerifyReport {
 
 /// One row that differs between the live read model and the rebuild.
 #[derive(Debug, Clone, PartialEq)]
-pub enum Difference {
+pub struct Difference {
+    /// The table (in `public`).
+    pub table: &'static str,
+    /// Its primary key column.
+    pub key_column: &'static str,
+    /// The row's key, as Postgres prints it (`key::text`).
+    pub key: String,
+    pub kind: DifferenceKind,
+}
+
+/// How a row differs.
+#[derive(Debug, Clone, PartialEq)]
+pub enum DifferenceKind {
     /// The events produce this row; the live table lacks it.
-    MissingInLive { table: &'static str, key: Uuid },
+    MissingInLive,
     /// The live table has a row the events do not produce.
-    ExtraInLive { table: &'static str, key: Uuid },
+    ExtraInLive,
     /// Both have the row; these columns differ.
-    Differs {
-        table: &'static str,
-        key: Uuid,
-        columns: Vec<ColumnDifference>,
-    },
+    Differs(Vec<ColumnDifference>),
 }
 
 /// One column of a row that differs (values as `to_jsonb` prints them).
@@ -77,44 +105,21 @@ pub struct ColumnDifference {
 }
 
 impl Difference {
-    pub fn table(&self) -> &'static str {
-        match self {
-            Self::MissingInLive { table, .. }
-            | Self::ExtraInLive { table, .. }
-            | Self::Differs { table, .. } => table,
-        }
+    /// The key as a UUID, for tables keyed by one (`None` otherwise).
+    pub fn uuid(&self) -> Option<Uuid> {
+        Uuid::parse_str(&self.key).ok()
     }
-
-    pub fn key(&self) -> Uuid {
-        match self {
-            Self::MissingInLive { key, .. }
-            | Self::ExtraInLive { key, .. }
-            | Self::Differs { key, .. } => *key,
-        }
-    }
-}
-
-fn noun(table: &str) -> &'static str {
-    if table == "read_runs" { "run" } else { "job" }
 }
 
 impl fmt::Display for Difference {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Self::MissingInLive { table, key } => {
-                write!(f, "{} {key}: missing in live {table}", noun(table))
+        write!(f, "{} {}={}:", self.table, self.key_column, self.key)?;
+        match &self.kind {
+            DifferenceKind::MissingInLive => write!(f, " missing in live (the events produce it)"),
+            DifferenceKind::ExtraInLive => {
+                write!(f, " extra in live (the events do not produce it)")
             }
-            Self::ExtraInLive { table, key } => write!(
-                f,
-                "{} {key}: extra in live {table} (the events do not produce it)",
-                noun(table)
-            ),
-            Self::Differs {
-                table,
-                key,
-                columns,
-            } => {
-                write!(f, "{} {key}:", noun(table))?;
+            DifferenceKind::Differs(columns) => {
                 for (i, c) in columns.iter().enumerate() {
                     let sep = if i == 0 { " " } else { ", " };
                     write!(f, "{sep}{} live={} rebuilt={}", c.column, c.live, c.rebuilt)?;
@@ -125,33 +130,44 @@ impl fmt::Display for Difference {
     }
 }
 
-/// The tables compared, with their keys.
-const COMPARED: &[(&str, &str)] = &[("read_jobs", "job_id"), ("read_runs", "run_id")];
-
-/// Rebuilds the jobs projection from event 0 into a shadow schema up to the live checkpoint,
-/// diffs it against the live tables and drops the shadow (also when the diff fails).
-#[tracing::instrument(name = "projector.jobs.verify", skip_all)]
-pub async fn verify(pool: &PgPool) -> Result<VerifyReport, RebuildError> {
-    let shadow = format!("verify_jobs_{}", &Uuid::new_v4().simple().to_string()[..12]);
-    let result = verify_in(pool, &shadow).await;
+/// Rebuilds `projection` from event 0 into a shadow schema up to the live checkpoint, diffs it
+/// against the live tables and drops the shadow (also when the diff fails).
+#[tracing::instrument(name = "projector.verify", skip_all, fields(projection = projection.name()))]
+pub async fn verify(
+    pool: &PgPool,
+    projection: &impl Projection,
+) -> Result<VerifyReport, RebuildError> {
+    let shadow = format!(
+        "verify_{}_{}",
+        projection.name(),
+        &Uuid::new_v4().simple().to_string()[..12]
+    );
+    let result = verify_in(pool, projection, &shadow).await;
     if let Err(error) = rebuild::drop_shadow(pool, &shadow).await {
         tracing::warn!(schema = %shadow, error = %error, "could not drop the verify schema");
     }
     result
 }
 
-async fn verify_in(pool: &PgPool, shadow: &str) -> Result<VerifyReport, RebuildError> {
-    rebuild::create_shadow(pool, shadow).await?;
+async fn verify_in(
+    pool: &PgPool,
+    projection: &impl Projection,
+    shadow: &str,
+) -> Result<VerifyReport, RebuildError> {
+    let name = projection.name();
+    rebuild::create_shadow(pool, projection, shadow).await?;
     let mut progress = Progress::new(
+        name,
         "verify",
-        rebuild::job_events(pool).await?,
+        rebuild::event_count(pool, projection).await?,
         std::time::Duration::from_secs(1),
     );
     let mut conn = pool.acquire().await?;
-    let first = live_cursor(&mut conn).await?;
+    let first = live_cursor(&mut conn, name).await?;
     drop(conn);
     let built = rebuild::build(
         pool,
+        projection,
         shadow,
         Cursor::ZERO,
         Some(first),
@@ -165,10 +181,17 @@ async fn verify_in(pool: &PgPool, shadow: &str) -> Result<VerifyReport, RebuildE
         .execute(&mut *tx)
         .await?;
     // The snapshot is taken here: the live tables and this checkpoint agree in it.
-    let cursor = live_cursor(&mut tx).await?;
+    let cursor = live_cursor(&mut tx, name).await?;
     let mut at = built.cursor;
-    while let Some(batch) =
-        rebuild::apply_batch(&mut tx, shadow, at, Some(cursor), rebuild::BATCH).await?
+    while let Some(batch) = rebuild::apply_batch(
+        &mut tx,
+        projection,
+        shadow,
+        at,
+        Some(cursor),
+        rebuild::BATCH,
+    )
+    .await?
     {
         at = batch.cursor;
         progress.advance(batch.read);
@@ -177,37 +200,33 @@ async fn verify_in(pool: &PgPool, shadow: &str) -> Result<VerifyReport, RebuildE
         .execute(&mut *tx)
         .await?;
     let mut report = VerifyReport {
+        projection: name,
         cursor,
-        jobs_compared: 0,
-        runs_compared: 0,
+        tables: Vec::new(),
         differences: Vec::new(),
     };
-    for (table, key) in COMPARED {
-        let (compared, differences) = diff(&mut tx, shadow, table, key).await?;
-        if *table == "read_jobs" {
-            report.jobs_compared = compared;
-        } else {
-            report.runs_compared = compared;
-        }
+    for table in projection.tables() {
+        let (compared, differences) = diff(&mut tx, shadow, table).await?;
+        report.tables.push((table.name, compared));
         report.differences.extend(differences);
     }
     tx.rollback().await?;
     tracing::info!(
+        projection = name,
         cursor = %report.cursor,
-        jobs = report.jobs_compared,
-        runs = report.runs_compared,
+        tables = ?report.tables,
         differences = report.differences.len(),
-        "jobs projection verified"
+        "projection verified"
     );
     Ok(report)
 }
 
 /// The live checkpoint's cursor (zero before the first batch).
-async fn live_cursor(conn: &mut PgConnection) -> Result<Cursor, RebuildError> {
+async fn live_cursor(conn: &mut PgConnection, projection: &str) -> Result<Cursor, RebuildError> {
     let row: Option<(String, i64)> = sqlx::query_as(
         "SELECT tx_id::text, position FROM public.projection_checkpoints WHERE projection = $1",
     )
-    .bind(crate::jobs::NAME)
+    .bind(projection)
     .fetch_optional(&mut *conn)
     .await?;
     Ok(row
@@ -215,60 +234,80 @@ async fn live_cursor(conn: &mut PgConnection) -> Result<Cursor, RebuildError> {
         .unwrap_or_default())
 }
 
+/// A differing row: its key (text), whether the rebuild and live have it, and for a row both
+/// have, `[column, live, rebuilt]` of each differing column.
+type DiffRow = (String, bool, bool, Option<Value>);
+
 /// Rows of `table` in `shadow` and `public` that differ, both ways, and how many keys were
-/// compared. Rows are compared column by column with each type's equality (the shadow is
-/// created `LIKE` the live table, so the columns line up); only differing rows are turned into
-/// JSON to name their columns.
+/// compared. Rows are compared as `to_jsonb` (every column, whatever its type); the differing
+/// columns of a row both copies have are found in SQL too, so values compare as Postgres
+/// compares `jsonb` (e.g. `1.0` equals `1`), and come in the live table's column order.
 async fn diff(
     conn: &mut PgConnection,
     shadow: &str,
-    table: &'static str,
-    key: &str,
+    table: &Table,
 ) -> Result<(u64, Vec<Difference>), RebuildError> {
+    let Table { name, key } = *table;
+    let key_column = key;
     let compared: i64 = sqlx::query_scalar(&format!(
-        "SELECT count(*) FROM {shadow}.{table} s FULL JOIN public.{table} l ON s.{key} = l.{key}"
+        "SELECT count(*) FROM {shadow}.{name} s FULL JOIN public.{name} l ON s.{key} = l.{key}"
     ))
     .fetch_one(&mut *conn)
     .await?;
-    let rows: Vec<(Uuid, Option<Value>, Option<Value>)> = sqlx::query_as(&format!(
-        "SELECT COALESCE(s.{key}, l.{key}), to_jsonb(s), to_jsonb(l)
-           FROM {shadow}.{table} s FULL JOIN public.{table} l ON s.{key} = l.{key}
-          WHERE ROW(s.*) IS DISTINCT FROM ROW(l.*)
-          ORDER BY 1"
+    let rows: Vec<DiffRow> = sqlx::query_as(&format!(
+        "SELECT COALESCE(s.{key}, l.{key})::text, s.{key} IS NOT NULL, l.{key} IS NOT NULL,
+                CASE WHEN s.{key} IS NOT NULL AND l.{key} IS NOT NULL THEN (
+                    SELECT jsonb_agg(jsonb_build_array(c.name, to_jsonb(l) -> c.name,
+                                                       to_jsonb(s) -> c.name)
+                                     ORDER BY a.attnum NULLS LAST, c.name)
+                      FROM jsonb_object_keys(to_jsonb(s) || to_jsonb(l)) AS c(name)
+                      LEFT JOIN pg_attribute a
+                        ON a.attrelid = 'public.{name}'::regclass AND a.attname = c.name
+                     WHERE (to_jsonb(l) -> c.name) IS DISTINCT FROM (to_jsonb(s) -> c.name))
+                END
+           FROM {shadow}.{name} s FULL JOIN public.{name} l ON s.{key} = l.{key}
+          WHERE s.{key} IS NULL OR l.{key} IS NULL OR to_jsonb(s) <> to_jsonb(l)
+          ORDER BY COALESCE(s.{key}, l.{key})"
     ))
     .fetch_all(&mut *conn)
     .await?;
     let differences = rows
         .into_iter()
-        .map(|(key, rebuilt, live)| match (rebuilt, live) {
-            (Some(rebuilt), Some(live)) => Difference::Differs {
-                table,
-                key,
-                columns: columns(&live, &rebuilt),
+        .map(|(key, rebuilt, live, columns)| Difference {
+            table: name,
+            key_column,
+            key,
+            kind: match (rebuilt, live) {
+                (true, true) => DifferenceKind::Differs(column_differences(columns)),
+                (true, false) => DifferenceKind::MissingInLive,
+                _ => DifferenceKind::ExtraInLive,
             },
-            (Some(_), None) => Difference::MissingInLive { table, key },
-            _ => Difference::ExtraInLive { table, key },
         })
         .collect();
     Ok((u64::try_from(compared).unwrap_or(0), differences))
 }
 
-/// The columns whose values differ (by name), with both values.
-fn columns(live: &Value, rebuilt: &Value) -> Vec<ColumnDifference> {
-    let (Some(live), Some(rebuilt)) = (live.as_object(), rebuilt.as_object()) else {
+/// `[[column, live, rebuilt], …]` as built by [`diff`]'s query.
+fn column_differences(columns: Option<Value>) -> Vec<ColumnDifference> {
+    let Some(Value::Array(columns)) = columns else {
         return Vec::new();
     };
-    let mut names: Vec<&String> = rebuilt.keys().collect();
-    names.extend(live.keys().filter(|k| !rebuilt.contains_key(*k)));
-    names
+    columns
         .into_iter()
-        .filter_map(|name| {
-            let l = live.get(name).cloned().unwrap_or(Value::Null);
-            let r = rebuilt.get(name).cloned().unwrap_or(Value::Null);
-            (l != r).then(|| ColumnDifference {
-                column: name.clone(),
-                live: l,
-                rebuilt: r,
+        .filter_map(|triple| {
+            let Value::Array(mut triple) = triple else {
+                return None;
+            };
+            if triple.len() != 3 {
+                return None;
+            }
+            let rebuilt = triple.pop().unwrap_or(Value::Null);
+            let live = triple.pop().unwrap_or(Value::Null);
+            let column = triple.pop()?.as_str()?.to_string();
+            Some(ColumnDifference {
+                column,
+                live,
+                rebuilt,
             })
         })
         .collect()
@@ -281,25 +320,47 @@ mod tests {
 
     #[test]
     fn differing_columns_are_named_with_both_values() {
-        let live = json!({"job_id": "a", "state": "failed", "attempts": 1});
-        let rebuilt = json!({"job_id": "a", "state": "running", "attempts": 1});
-        let columns = columns(&live, &rebuilt);
+        let columns = column_differences(Some(json!([
+            ["state", "failed", "running"],
+            ["attempts", 1, null]
+        ])));
         assert_eq!(
             columns,
-            vec![ColumnDifference {
-                column: "state".into(),
-                live: json!("failed"),
-                rebuilt: json!("running"),
-            }]
+            vec![
+                ColumnDifference {
+                    column: "state".into(),
+                    live: json!("failed"),
+                    rebuilt: json!("running"),
+                },
+                ColumnDifference {
+                    column: "attempts".into(),
+                    live: json!(1),
+                    rebuilt: Value::Null,
+                }
+            ]
         );
-        let difference = Difference::Differs {
+        let difference = Difference {
             table: "read_jobs",
-            key: Uuid::nil(),
-            columns,
+            key_column: "job_id",
+            key: Uuid::nil().to_string(),
+            kind: DifferenceKind::Differs(columns),
         };
         assert_eq!(
             difference.to_string(),
-            "job 00000000-0000-0000-0000-000000000000: state live=\"failed\" rebuilt=\"running\""
+            "read_jobs job_id=00000000-0000-0000-0000-000000000000: state live=\"failed\" \
+             rebuilt=\"running\", attempts live=1 rebuilt=null"
         );
+        assert_eq!(difference.uuid(), Some(Uuid::nil()));
+        let missing = Difference {
+            table: "read_gpus",
+            key_column: "gpu_uuid",
+            key: "host-a-gpu0".into(),
+            kind: DifferenceKind::MissingInLive,
+        };
+        assert_eq!(
+            missing.to_string(),
+            "read_gpus gpu_uuid=host-a-gpu0: missing in live (the events produce it)"
+        );
+        assert_eq!(missing.uuid(), None);
     }
 }

@@ -7,7 +7,9 @@ use std::time::Duration;
 use overfly_projector::rebuild::RebuildError;
 use overfly_projector::runner::RunnerConfig;
 use overfly_projector::verify::ColumnDifference;
-use overfly_projector::{Difference, Outcome, RebuildOptions, rebuild, verify};
+use overfly_projector::{
+    Difference, DifferenceKind, Jobs, Outcome, RebuildOptions, rebuild, verify,
+};
 use serde_json::json;
 use uuid::Uuid;
 
@@ -48,7 +50,7 @@ async fn wait_caught_up(app: &TestApp) {
 /// Runs the binary's `verify` against the test's database: (success, stdout).
 async fn verify_binary(app: &TestApp) -> (bool, String) {
     let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_overfly-projector"))
-        .args(["verify", "--database-url", &app.database_url()])
+        .args(["verify", "jobs", "--database-url", &app.database_url()])
         .env("RUST_LOG", "warn")
         .output()
         .await
@@ -74,23 +76,29 @@ async fn verify_reports_no_drift_then_exactly_the_corrupted_rows() {
     let mut projection = app.projection().await;
     drain(&mut projection).await.unwrap();
 
-    let report = verify(&app.pool).await.unwrap();
+    let report = verify(&app.pool, &Jobs).await.unwrap();
     assert!(report.is_clean(), "{report}");
-    assert_eq!((report.jobs_compared, report.runs_compared), (6, 4));
+    assert_eq!(
+        (report.compared("read_jobs"), report.compared("read_runs")),
+        (6, 4)
+    );
     let (success, stdout) = verify_binary(&app).await;
     assert!(success, "{stdout}");
     assert!(
-        stdout.contains("6 jobs, 4 runs compared, 0 differences"),
+        stdout.contains("read_jobs 6 rows, read_runs 4 rows compared, 0 differences"),
         "{stdout}"
     );
 
     // Events the live projection has not applied yet are not drift: like for like.
     app.short_life(6, 4).await;
     app.wait_relayed().await;
-    let behind = verify(&app.pool).await.unwrap();
+    let behind = verify(&app.pool, &Jobs).await.unwrap();
     assert!(behind.is_clean(), "{behind}");
     assert_eq!(behind.cursor, report.cursor);
-    assert_eq!((behind.jobs_compared, behind.runs_compared), (6, 4));
+    assert_eq!(
+        (behind.compared("read_jobs"), behind.compared("read_runs")),
+        (6, 4)
+    );
     drain(&mut projection).await.unwrap();
 
     // Corrupt: a state, a deleted run, an invented run.
@@ -125,53 +133,56 @@ async fn verify_reports_no_drift_then_exactly_the_corrupted_rows() {
     )
     .await;
 
-    let report = verify(&app.pool).await.unwrap();
+    let report = verify(&app.pool, &Jobs).await.unwrap();
     let running_id = Uuid::parse_str(running).unwrap();
+    let run = |key: Uuid, kind| Difference {
+        table: "read_runs",
+        key_column: "run_id",
+        key: key.to_string(),
+        kind,
+    };
     let mut expected = vec![
-        Difference::Differs {
+        Difference {
             table: "read_jobs",
-            key: running_id,
-            columns: vec![ColumnDifference {
+            key_column: "job_id",
+            key: running_id.to_string(),
+            kind: DifferenceKind::Differs(vec![ColumnDifference {
                 column: "state".into(),
                 live: json!("failed"),
                 rebuilt: json!("running"),
-            }],
+            }]),
         },
-        Difference::Differs {
-            table: "read_runs",
-            key: reassigned,
-            columns: vec![ColumnDifference {
+        run(
+            reassigned,
+            DifferenceKind::Differs(vec![ColumnDifference {
                 column: "gpu_uuids".into(),
                 live: json!(["GPU-x"]),
                 rebuilt: json!(["GPU-0", "GPU-1"]),
-            }],
-        },
-        Difference::MissingInLive {
-            table: "read_runs",
-            key: deleted,
-        },
-        Difference::ExtraInLive {
-            table: "read_runs",
-            key: invented,
-        },
+            }]),
+        ),
+        run(deleted, DifferenceKind::MissingInLive),
+        run(invented, DifferenceKind::ExtraInLive),
     ];
     // Each table's differences come in key order.
-    expected[1..].sort_by_key(Difference::key);
+    expected[1..].sort_by_key(|d| d.uuid());
     assert_eq!(report.differences, expected, "{report}");
-    assert_eq!((report.jobs_compared, report.runs_compared), (7, 6));
+    assert_eq!(
+        (report.compared("read_jobs"), report.compared("read_runs")),
+        (7, 6)
+    );
     let printed = report.to_string();
     assert!(
         printed.contains(&format!(
-            "job {running_id}: state live=\"failed\" rebuilt=\"running\""
+            "read_jobs job_id={running_id}: state live=\"failed\" rebuilt=\"running\""
         )),
         "{printed}"
     );
     assert!(
-        printed.contains(&format!("run {deleted}: missing in live read_runs")),
+        printed.contains(&format!("read_runs run_id={deleted}: missing in live")),
         "{printed}"
     );
     assert!(
-        printed.contains(&format!("run {invented}: extra in live read_runs")),
+        printed.contains(&format!("read_runs run_id={invented}: extra in live")),
         "{printed}"
     );
     let (success, stdout) = verify_binary(&app).await;
@@ -193,7 +204,7 @@ async fn the_runner_skips_what_a_swapped_in_checkpoint_covers() {
     }
     app.wait_relayed().await;
     let options = RebuildOptions {
-        schema: "rebuild_first".into(),
+        schema: Some("rebuild_first".into()),
         ..RebuildOptions::default()
     };
     // One rebuild at a time.
@@ -203,15 +214,18 @@ async fn the_runner_skips_what_a_swapped_in_checkpoint_covers() {
         .execute(&mut *other)
         .await
         .unwrap();
-    let busy = rebuild(&app.pool, &options).await.unwrap_err();
-    assert!(matches!(busy, RebuildError::Busy), "{busy}");
+    let busy = rebuild(&app.pool, &Jobs, &options).await.unwrap_err();
+    assert!(matches!(busy, RebuildError::Busy("jobs")), "{busy}");
     other.close().await.unwrap();
 
-    let summary = rebuild(&app.pool, &options).await.unwrap();
+    let summary = rebuild(&app.pool, &Jobs, &options).await.unwrap();
     // Five events each: submitted, assigned, started, run succeeded, job succeeded.
     assert_eq!(summary.events_applied, 25);
     assert_eq!(summary.stream_sequence, 0);
-    assert_eq!((summary.jobs, summary.runs), (5, 5));
+    assert_eq!(
+        (summary.rows_of("read_jobs"), summary.rows_of("read_runs")),
+        (5, 5)
+    );
     let rebuilt = app.rows("public", "read_jobs").await;
     let checkpoint = app.checkpoint("public").await;
     assert_eq!(checkpoint["stream_sequence"], 0);
@@ -235,7 +249,7 @@ async fn the_runner_skips_what_a_swapped_in_checkpoint_covers() {
         assert!(rows.contains(row), "changed by the runner: {row}");
     }
     assert_eq!(app.job_row(&late).await["version"], 5);
-    let report = verify(&app.pool).await.unwrap();
+    let report = verify(&app.pool, &Jobs).await.unwrap();
     assert!(report.is_clean(), "{report}");
 }
 
@@ -257,10 +271,10 @@ async fn a_swap_ahead_of_the_runner_keeps_its_stream_sequence() {
     assert_eq!(projection.step().await.unwrap(), Outcome::Processed(10));
 
     let options = RebuildOptions {
-        schema: "rebuild_ahead".into(),
+        schema: Some("rebuild_ahead".into()),
         ..RebuildOptions::default()
     };
-    let summary = rebuild(&app.pool, &options).await.unwrap();
+    let summary = rebuild(&app.pool, &Jobs, &options).await.unwrap();
     assert_eq!(summary.events_applied, 25);
     assert_eq!(summary.stream_sequence, 10);
     let checkpoint = app.checkpoint("public").await;
@@ -275,9 +289,9 @@ async fn a_swap_ahead_of_the_runner_keeps_its_stream_sequence() {
     assert_eq!(checkpoint["stream_sequence"], 30);
     assert_eq!(checkpoint["events_applied"], 30);
     assert_eq!(app.job_row(&late).await["version"], 5);
-    let report = verify(&app.pool).await.unwrap();
+    let report = verify(&app.pool, &Jobs).await.unwrap();
     assert!(report.is_clean(), "{report}");
-    assert_eq!(report.jobs_compared, 6);
+    assert_eq!(report.compared("read_jobs"), 6);
 }
 
 /// `rebuild` while the live runner keeps running and commands keep arriving: the query tables
@@ -308,7 +322,7 @@ async fn rebuild_swaps_in_while_the_runner_and_commands_keep_going() {
 
     let done = AtomicBool::new(false);
     let options = RebuildOptions {
-        schema: "rebuild_live".into(),
+        schema: Some("rebuild_live".into()),
         // Small batches and a strict "close": many transactions, several catch-up rounds.
         batch_size: 7,
         close_enough: 2,
@@ -317,7 +331,7 @@ async fn rebuild_swaps_in_while_the_runner_and_commands_keep_going() {
         ..RebuildOptions::default()
     };
     let rebuilding = async {
-        let summary = rebuild(&app.pool, &options).await;
+        let summary = rebuild(&app.pool, &Jobs, &options).await;
         done.store(true, Ordering::SeqCst);
         summary
     };
@@ -362,10 +376,10 @@ async fn rebuild_swaps_in_while_the_runner_and_commands_keep_going() {
     let checkpoint = app.checkpoint("public").await;
     assert_eq!(checkpoint["events_applied"], app.event_count().await);
     assert_eq!(checkpoint["last_error"], serde_json::Value::Null);
-    let report = verify(&app.pool).await.unwrap();
+    let report = verify(&app.pool, &Jobs).await.unwrap();
     assert!(report.is_clean(), "{report}");
     assert_eq!(
-        i64::try_from(report.jobs_compared).unwrap(),
+        i64::try_from(report.compared("read_jobs")).unwrap(),
         sqlx::query_scalar::<_, i64>("SELECT count(DISTINCT aggregate_id) FROM events")
             .fetch_one(&app.pool)
             .await
@@ -421,7 +435,7 @@ async fn a_long_reader_makes_the_swap_try_again_rather_than_block_readers() {
         .await
         .unwrap();
     let options = RebuildOptions {
-        schema: "rebuild_wait".into(),
+        schema: Some("rebuild_wait".into()),
         lock_timeout: Duration::from_millis(100),
         swap_attempts: 100,
         ..RebuildOptions::default()
@@ -436,12 +450,12 @@ async fn a_long_reader_makes_the_swap_try_again_rather_than_block_readers() {
         reader.commit().await.unwrap();
         count
     };
-    let (summary, count) = tokio::join!(rebuild(&app.pool, &options), releasing);
+    let (summary, count) = tokio::join!(rebuild(&app.pool, &Jobs, &options), releasing);
     let summary = summary.unwrap();
     assert_eq!(count, 3);
     assert!(summary.swap_attempts > 1, "{summary}");
     assert_eq!(summary.events_applied, 15);
-    let report = verify(&app.pool).await.unwrap();
+    let report = verify(&app.pool, &Jobs).await.unwrap();
     assert!(report.is_clean(), "{report}");
 }
 

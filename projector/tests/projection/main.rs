@@ -1,6 +1,7 @@
 //! The jobs projection against the real command service, relay, Postgres and nats-server.
 
 mod audit;
+mod audit_all;
 mod executors;
 mod export;
 mod helpers;
