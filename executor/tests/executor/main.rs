@@ -1,6 +1,7 @@
 //! Integration tests of the executor: real Postgres, real nats-server, the real command
 //! service, the real `overfly-executor` binary and real workload processes (`overfly-tiles`).
 
+mod cli;
 mod helpers;
 mod lifecycle;
 mod runs;
