@@ -40,6 +40,21 @@ impl Drop for Harness {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
+        // A failed test may leave workloads (some hang for ever) behind its killed executors.
+        for executor in std::fs::read_dir(&self.dir).into_iter().flatten().flatten() {
+            for run in std::fs::read_dir(executor.path())
+                .into_iter()
+                .flatten()
+                .flatten()
+            {
+                if let Some(record) = overfly_executor::run::read_record(&run.path())
+                    && let overfly_executor::run::RecordState::Running { pid } = record.state
+                    && overfly_executor::run::is_our_process(pid, record.run_id)
+                {
+                    overfly_executor::run::kill_group(pid, Signal::SIGKILL);
+                }
+            }
+        }
     }
 }
 
