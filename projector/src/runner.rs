@@ -73,6 +73,23 @@ pub trait Projection: Send + Sync + 'static {
         conn: &mut PgConnection,
         envelope: &EventEnvelope,
     ) -> impl Future<Output = Result<Applied, ProjectionError>> + Send;
+    /// Applies a batch's envelopes in order in the batch's transaction, with the effect of
+    /// `apply` on each in turn (which is what this default does; a projection may do it in
+    /// fewer round trips). On an error, the index of the envelope that caused it; the caller
+    /// rolls the transaction back.
+    fn apply_batch(
+        &self,
+        conn: &mut PgConnection,
+        envelopes: &[EventEnvelope],
+    ) -> impl Future<Output = Result<Vec<Applied>, (usize, ProjectionError)>> + Send {
+        async move {
+            let mut applied = Vec::with_capacity(envelopes.len());
+            for (index, envelope) in envelopes.iter().enumerate() {
+                applied.push(self.apply(conn, envelope).await.map_err(|e| (index, e))?);
+            }
+            Ok(applied)
+        }
+    }
 }
 
 /// One read-model table of a projection and its primary key (a single column).
@@ -126,6 +143,13 @@ impl Projection for Jobs {
         envelope: &EventEnvelope,
     ) -> Result<Applied, ProjectionError> {
         apply_envelope(conn, envelope).await
+    }
+    async fn apply_batch(
+        &self,
+        conn: &mut PgConnection,
+        envelopes: &[EventEnvelope],
+    ) -> Result<Vec<Applied>, (usize, ProjectionError)> {
+        apply_envelopes(conn, envelopes).await
     }
 }
 
@@ -512,28 +536,38 @@ impl<P: Projection> Runner<P> {
         let done = checkpoint.stream_sequence;
         let mut cursor = checkpoint.cursor();
         let mut sequence = done;
-        let mut applied = 0;
+        // Which messages to apply, in order (an unreadable one fails the batch at its index
+        // before anything is applied), then all of them in one call.
+        let mut envelopes = Vec::with_capacity(messages.len());
+        let mut sent: Vec<(usize, Sent)> = Vec::with_capacity(messages.len());
         for (index, message) in messages.iter().enumerate() {
-            match apply_message(&self.projection, &mut tx, message, done, cursor)
-                .await
-                .map_err(|e| (index, e))?
-            {
+            match read_message(message, done, cursor).map_err(|e| (index, e))? {
                 Handled::Before => {}
                 Handled::Covered { stream_sequence } => {
                     sequence = sequence.max(stream_sequence);
                 }
-                Handled::Done { last, applied: how } => {
-                    if how == Applied::Applied {
-                        applied += 1;
-                    }
-                    sequence = sequence.max(last.stream_sequence);
+                Handled::Apply { envelope, last } => {
                     cursor = cursor.max(last.cursor);
-                    if let Some(limit) = self.fail_after
-                        && applied >= limit
-                    {
-                        return Err((index, ProjectionError::Injected(applied)));
-                    }
+                    envelopes.push(envelope);
+                    sent.push((index, last));
                 }
+            }
+        }
+        let results = self
+            .projection
+            .apply_batch(&mut tx, &envelopes)
+            .await
+            .map_err(|(i, e)| (sent.get(i).map_or(0, |(index, _)| *index), e))?;
+        let mut applied = 0;
+        for ((index, last), how) in sent.iter().zip(results) {
+            if how == Applied::Applied {
+                applied += 1;
+            }
+            sequence = sequence.max(last.stream_sequence);
+            if let Some(limit) = self.fail_after
+                && applied >= limit
+            {
+                return Err((*index, ProjectionError::Injected(applied)));
             }
         }
         let at_end = |e: sqlx::Error| (messages.len(), ProjectionError::from(e));
@@ -613,7 +647,8 @@ impl<P: Projection> Runner<P> {
                     self.projection.name()
                 )),
                 deliver_policy,
-                ack_policy: consumer::AckPolicy::Explicit,
+                // Acking a batch's last message acks the whole batch (one ack per batch).
+                ack_policy: consumer::AckPolicy::All,
                 ack_wait: Duration::from_secs(30),
                 filter_subject: self.projection.filter_subject().to_string(),
                 ..Default::default()
@@ -636,8 +671,8 @@ enum Handled {
     Before,
     /// Its cursor is at most the checkpoint's (a rebuild swapped in covers it): not applied.
     Covered { stream_sequence: i64 },
-    /// Applied (or found applied by the job row's version).
-    Done { last: Sent, applied: Applied },
+    /// To be applied (or found applied by the projection's own guard).
+    Apply { envelope: EventEnvelope, last: Sent },
 }
 
 /// Where an applied message sits.
@@ -646,11 +681,9 @@ struct Sent {
     stream_sequence: i64,
 }
 
-/// Applies one message unless its stream sequence is at most `done` or its cursor at most
-/// `covered`.
-async fn apply_message(
-    projection: &impl Projection,
-    conn: &mut PgConnection,
+/// Reads one message: to be applied unless its stream sequence is at most `done` or its
+/// cursor at most `covered`.
+fn read_message(
     message: &jetstream::Message,
     done: i64,
     covered: Cursor,
@@ -684,17 +717,18 @@ async fn apply_message(
     if cursor <= covered {
         return Ok(Handled::Covered { stream_sequence });
     }
-    let applied = projection.apply(conn, &envelope).await?;
     let last = Sent {
         cursor,
         stream_sequence,
     };
-    Ok(Handled::Done { last, applied })
+    Ok(Handled::Apply { envelope, last })
 }
 
+/// Acks `messages` (one batch, in stream order) with one ack of the last: the consumer's
+/// `AckPolicy::All` acks every message before it too.
 async fn ack(messages: &[jetstream::Message]) -> Result<(), ProjectionError> {
-    for message in messages {
-        message.ack().await.map_err(ProjectionError::nats)?;
+    if let Some(last) = messages.last() {
+        last.ack().await.map_err(ProjectionError::nats)?;
     }
     Ok(())
 }
@@ -704,6 +738,27 @@ pub async fn apply_envelope(
     conn: &mut PgConnection,
     envelope: &EventEnvelope,
 ) -> Result<Applied, ProjectionError> {
+    let (meta, event) = job_event(envelope)?;
+    jobs::apply(conn, &meta, &event).await
+}
+
+/// Decodes and applies a batch of envelopes to the jobs projection, in order, with the effect
+/// of [`apply_envelope`] on each (`jobs::apply_batch`); on an error, the envelope's index.
+pub async fn apply_envelopes(
+    conn: &mut PgConnection,
+    envelopes: &[EventEnvelope],
+) -> Result<Vec<Applied>, (usize, ProjectionError)> {
+    let mut events = Vec::with_capacity(envelopes.len());
+    for (index, envelope) in envelopes.iter().enumerate() {
+        events.push(job_event(envelope).map_err(|e| (index, e))?);
+    }
+    jobs::apply_batch(conn, &events).await
+}
+
+/// A job envelope's place and decoded (upcast) event.
+fn job_event(
+    envelope: &EventEnvelope,
+) -> Result<(EventMeta, overfly_domain::job::JobEvent), ProjectionError> {
     if envelope.aggregate_type != "job" {
         return Err(ProjectionError::Malformed {
             event_type: envelope.event_type.clone(),
@@ -721,7 +776,7 @@ pub async fn apply_envelope(
         position: envelope.position,
         recorded_at: envelope.recorded_at,
     };
-    jobs::apply(conn, &meta, &event).await
+    Ok((meta, event))
 }
 
 /// Writes why the projection stopped (outside the rolled-back batch).
