@@ -19,7 +19,7 @@ CARGO ?= cargo
 # with nextest also `ARGS='-E "test(relay)"'`).
 ARGS ?=
 
-.PHONY: help deps test lint fmt demo stop bench-append toolchain
+.PHONY: help deps test lint fmt demo stop bench-append bench-read toolchain
 
 help: ## list the targets
 	@echo "Overfly - make targets:"
@@ -62,3 +62,9 @@ bench-append: toolchain deps ## event-append benchmark (release build)
 	@if [ -x ops/bench/append ]; then ops/bench/append $(ARGS); \
 	elif [ -f ops/bench/append ]; then bash ops/bench/append $(ARGS); \
 	else echo "error: ops/bench/append not found" >&2; exit 1; fi
+
+bench-read: toolchain deps ## read-side benchmark: catch-up, rebuild, queries, command->visible (release)
+	$(CARGO) build --release -p overfly-command-service -p overfly-projector -p overfly-query-service -p overfly-bench
+	@if [ -x ops/bench/read ]; then ops/bench/read $(ARGS); \
+	elif [ -f ops/bench/read ]; then bash ops/bench/read $(ARGS); \
+	else echo "error: ops/bench/read not found" >&2; exit 1; fi
