@@ -290,7 +290,7 @@ pub(crate) async fn fetch_batch(
            FROM events
           WHERE (tx_id, global_position) > ($1::text::xid8, $2)
             AND tx_id < pg_snapshot_xmin(pg_current_snapshot())
-          ORDER BY tx_id, global_position
+          ORDER BY events.tx_id, events.global_position
           LIMIT $3",
     )
     .bind(after.tx.to_string())

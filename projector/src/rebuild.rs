@@ -368,7 +368,7 @@ pub(crate) async fn apply_batch(
             AND (tx_id, global_position) <= ($3::text::xid8, $4)
             AND tx_id < pg_snapshot_xmin(pg_current_snapshot())
             AND ($6::text IS NULL OR aggregate_type = $6)
-          ORDER BY tx_id, global_position
+          ORDER BY events.tx_id, events.global_position
           LIMIT $5",
     )
     .bind(after.tx.to_string())

@@ -108,7 +108,7 @@ pub async fn explain(
                         event_version, payload
                    FROM events
                   WHERE (tx_id, global_position) > ($1::text::xid8, $2) AND recorded_at <= $3
-                  ORDER BY tx_id, global_position
+                  ORDER BY events.tx_id, events.global_position
                   LIMIT 5000",
         )
         .bind(&after.0)

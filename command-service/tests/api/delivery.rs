@@ -273,3 +273,36 @@ async fn a_standby_relay_takes_over_when_the_leader_dies() {
     assert_eq!(stream.len(), 200);
     assert_exactly_once_in_order(&stream, &app.event_ids().await);
 }
+
+/// Commit order is the numeric order of transaction ids: a job's event written by transaction
+/// 100 comes after one written by transaction 99, though "100" < "99" as text (the relay once
+/// sorted by the text it selected).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn transaction_ids_order_numerically_not_as_text() {
+    let app = spawn_app_with(Options {
+        relay: true,
+        ..Options::default()
+    })
+    .await;
+    let job = uuid::Uuid::new_v4().to_string();
+    // Old transactions (below every running one; initdb alone uses hundreds of ids), as a
+    // cluster's ids cross a digit.
+    // One statement, so the relay reads them in one batch.
+    sqlx::query(
+        "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version,
+                             payload, metadata, tx_id)
+         SELECT 'job', $1, s, 'JobPriorityChanged', '1', '{}', '{}', t::text::xid8
+           FROM unnest(ARRAY[1, 2, 3], ARRAY[99, 100, 101]) AS u(s, t)",
+    )
+    .bind(&job)
+    .execute(&app.pool)
+    .await
+    .unwrap();
+    let stream = stream_events(&app.nats.url(), 3, Duration::from_secs(20)).await;
+    let sequences: Vec<i64> = stream
+        .iter()
+        .filter(|e| e.aggregate_id == job)
+        .map(|e| e.sequence)
+        .collect();
+    assert_eq!(sequences, [1, 2, 3]);
+}

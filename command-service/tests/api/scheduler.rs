@@ -45,7 +45,7 @@ fn job(name: &str, account: &str, priority: u8, gpus: u8, memory_mb: u64) -> Val
 async fn job_events(app: &TestApp) -> Vec<(String, String, Value)> {
     let rows: Vec<(String, String, Value)> = sqlx::query_as(
         "SELECT aggregate_id, event_type, payload FROM events
-          WHERE aggregate_type = 'job' ORDER BY tx_id, global_position",
+          WHERE aggregate_type = 'job' ORDER BY events.tx_id, events.global_position",
     )
     .fetch_all(&app.pool)
     .await

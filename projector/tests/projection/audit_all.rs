@@ -556,7 +556,7 @@ async fn rebuilds_of_executors_and_usage_swap_in_while_runners_and_commands_keep
     if executors.is_err() || usage.is_err() {
         let events: Vec<(String, i64, String, i64, String)> = sqlx::query_as(
             "SELECT tx_id::text, global_position, aggregate_id, sequence, event_type
-               FROM events ORDER BY tx_id, global_position",
+               FROM events ORDER BY events.tx_id, events.global_position",
         )
         .fetch_all(&app.pool)
         .await

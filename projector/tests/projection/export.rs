@@ -131,7 +131,7 @@ async fn store_events(app: &TestApp) -> Vec<(DateTime<Utc>, BTreeMap<String, Val
     let rows: Vec<StoreRow> = sqlx::query_as(
         "SELECT global_position, tx_id::text::bigint, aggregate_type, aggregate_id, sequence,
                 event_type, event_version, recorded_at, payload, metadata
-           FROM events ORDER BY tx_id, global_position",
+           FROM events ORDER BY events.tx_id, events.global_position",
     )
     .fetch_all(&app.pool)
     .await
