@@ -232,9 +232,22 @@ async fn a_relay_killed_mid_batch_and_restarted_loses_and_duplicates_nothing() {
     submit_many(&app, total).await;
 
     let mut relay = relay_process(&app, 50, None);
-    let partial = stream_events(&app.nats.url(), 300, Duration::from_secs(20)).await;
+    // Kill it as soon as 300 are in (polling the stream's count, which is cheap).
+    let js = async_nats::jetstream::new(async_nats::connect(app.nats.url()).await.unwrap());
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let count = match js.get_stream(crate::helpers::STREAM).await {
+            Ok(mut stream) => stream.info().await.map_or(0, |i| i.state.messages),
+            Err(_) => 0,
+        };
+        if count >= 300 || tokio::time::Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
     relay.kill().unwrap();
     relay.wait().unwrap();
+    let partial = stream_events(&app.nats.url(), 300, Duration::from_secs(20)).await;
     assert!(
         partial.len() >= 300 && partial.len() < total,
         "killed mid-way: {}",
