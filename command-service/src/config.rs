@@ -58,9 +58,9 @@ pub struct Config {
     /// Run the relay inside `serve` (only one relay publishes at a time anyway).
     #[arg(long, env = "OVERFLY_RELAY_ENABLED", default_value_t = true, action = clap::ArgAction::Set, global = true)]
     pub relay_enabled: bool,
-    /// Run the scheduler inside `serve` (only one schedules at a time anyway). Off by default
-    /// until the executors land (#4): runs are assigned through `POST /jobs/{id}/runs`.
-    #[arg(long, env = "OVERFLY_SCHEDULER_ENABLED", default_value_t = false, action = clap::ArgAction::Set, global = true)]
+    /// Run the scheduler inside `serve` (only one schedules at a time anyway). Off, runs are
+    /// assigned only through `POST /jobs/{id}/runs` (an external scheduler, or tests).
+    #[arg(long, env = "OVERFLY_SCHEDULER_ENABLED", default_value_t = true, action = clap::ArgAction::Set, global = true)]
     pub scheduler_enabled: bool,
     /// How often the scheduler looks again when no commit woke it (backoffs ending, leases
     /// expiring, other instances' commits).

@@ -18,7 +18,7 @@ use anyhow::Context as _;
 use chrono::Utc;
 use overfly_domain::executor::{ExecutorCommand, ExecutorEvent};
 use overfly_domain::job::{JobCommand, JobEvent};
-use overfly_domain::scheduler::{FleetState, Policy, schedule};
+use overfly_domain::scheduler::{ExecutorAvailability, FleetState, Policy, schedule};
 use sqlx::PgPool;
 use tokio::sync::Notify;
 use uuid::Uuid;
@@ -106,7 +106,16 @@ impl Scheduler {
             let now = Utc::now();
             self.expire_leases(&mut state, now).await;
             // Different jobs: the commands run concurrently (and share group commits).
-            let assignments = schedule(&state.snapshot(now, &policy), now, &policy);
+            let snapshot = state.snapshot(now, &policy);
+            let free_gpu = snapshot.executors.iter().any(|e| {
+                e.availability == ExecutorAvailability::Active && e.gpus.iter().any(|g| !g.busy)
+            });
+            // Nothing can be placed without a free GPU: skip ordering the queue.
+            let assignments = if free_gpu {
+                schedule(&snapshot, now, &policy)
+            } else {
+                Vec::new()
+            };
             let outcomes = futures::future::join_all(assignments.into_iter().map(|a| async {
                 let run_id = Uuid::new_v4();
                 let command = JobCommand::AssignRun {

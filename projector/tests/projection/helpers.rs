@@ -48,6 +48,9 @@ pub async fn spawn_app() -> TestApp {
         // Automatic retries after 1 s (not 10), so a test can wait out a backoff.
         "--retry-base-s",
         "1",
+        // Runs are assigned by hand, as the scheduler would.
+        "--scheduler-enabled",
+        "false",
     ]);
     let app = Application::build(&cli.config).await.expect("app builds");
     let addr = app.local_addr();

@@ -56,6 +56,9 @@ pub async fn spawn_stack_with(wait_ms: u64) -> Stack {
         // Automatic retries after 1 s (not 10), so a test can wait out a backoff.
         "--retry-base-s",
         "1",
+        // Runs are assigned by hand, as the scheduler would.
+        "--scheduler-enabled",
+        "false",
     ]);
     let command_app = overfly_command_service::app::Application::build(&command_cli.config)
         .await
