@@ -19,7 +19,7 @@ CARGO ?= cargo
 # with nextest also `ARGS='-E "test(relay)"'`).
 ARGS ?=
 
-.PHONY: help deps test lint fmt demo stop bench-append bench-read toolchain
+.PHONY: help deps test lint fmt demo stop bench-append bench-read bench-schedule toolchain
 
 help: ## list the targets
 	@echo "Overfly - make targets:"
@@ -68,3 +68,7 @@ bench-read: toolchain deps ## read-side benchmark: catch-up, rebuild, queries, c
 	@if [ -x ops/bench/read ]; then ops/bench/read $(ARGS); \
 	elif [ -f ops/bench/read ]; then bash ops/bench/read $(ARGS); \
 	else echo "error: ops/bench/read not found" >&2; exit 1; fi
+
+bench-schedule: toolchain deps ## scheduling benchmark: jobs end to end on simulated GPUs vs. the bare write path (release)
+	$(CARGO) build --release -p overfly-command-service -p overfly-executor -p overfly-bench
+	@bash ops/bench/schedule $(ARGS)
