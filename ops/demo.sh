@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
-# Overfly demo: build the command service, migrate, start it in the background,
-# and walk through the write API with a few realistic GPU jobs.
+# Overfly demo: build the services, migrate, start the command service (with its
+# scheduler), the projector, the query service and two executors with simulated
+# GPUs, then submit a realistic mix of jobs that run the demo workload
+# (overfly-tiles): they complete, fail and retry, time out, get cancelled, or wait
+# for GPUs that do not exist, and the read side explains all of it.
 #
 # Expects Postgres and NATS to be up (`make demo` runs ops/deps.sh first).
 # Leaves the service running; `make stop` (ops/stop.sh) stops it.
@@ -137,7 +140,7 @@ if [ "${OVERFLY_DEMO_BUILD:-1}" = 0 ]; then
   step "using the existing build (OVERFLY_DEMO_BUILD=0)"
 else
   step "building the services (release)"
-  cargo build --release -p overfly-command-service -p overfly-projector -p overfly-query-service
+  cargo build --release -p overfly-command-service -p overfly-projector -p overfly-query-service -p overfly-executor
 fi
 [ -x "$BIN" ] || die "$BIN is missing (build it: cargo build --release -p overfly-command-service)"
 
@@ -158,7 +161,9 @@ else
   STARTED=1
   # setsid: the service outlives this script and ignores Ctrl-C sent to it.
   # NO_COLOR: plain log lines in the file.
-  NO_COLOR=1 setsid "$BIN" serve </dev/null >>"$LOG_FILE" 2>&1 &
+  # The scheduler on; short retry backoffs so the demo shows retries within seconds.
+  NO_COLOR=1 OVERFLY_SCHEDULER_ENABLED=true OVERFLY_RETRY_BASE_S=2 \
+    setsid "$BIN" serve </dev/null >>"$LOG_FILE" 2>&1 &
   pid=$!
   echo "$pid" >"$PID_FILE"
   note "started pid $pid, log $LOG_FILE"
@@ -205,7 +210,23 @@ start_background() {
   note "started overfly-$name (pid $!, log $log)"
 }
 
-step "read side: the jobs projection and the query service at $QUERY_URL"
+# start_background_as NAME BINARY ARGS...: like start_background, for a second
+# instance of one binary (pid and log under NAME).
+start_background_as() {
+  local name="$1" binary="$2" pid_file="$OVERFLY_STATE_DIR/$1.pid" log="$OVERFLY_STATE_DIR/$1.log" pid
+  shift 2
+  pid="$(cat "$pid_file" 2>/dev/null || true)"
+  if pid_runs "$pid" "overfly-$binary"; then
+    ok "$name already running (pid $pid)"
+    return
+  fi
+  printf '\n--- %s: overfly-%s %s\n' "$(date -Is)" "$binary" "$*" >>"$log"
+  NO_COLOR=1 setsid "$TARGET_DIR/release/overfly-$binary" "$@" </dev/null >>"$log" 2>&1 &
+  echo "$!" >"$pid_file"
+  note "started $name (pid $!, log $log)"
+}
+
+step "read side: the projections and the query service at $QUERY_URL"
 start_background projector run
 start_background query serve
 deadline=$((SECONDS + READY_TIMEOUT_S))
@@ -214,6 +235,16 @@ until [ "$(curl -s -o /dev/null -w '%{http_code}' --max-time 2 "$QUERY_URL/ready
   sleep 1
 done
 ok "ready ($QUERY_URL/readyz = 200)"
+
+step "executors: gpu-host-1 (4 simulated H100 80GB) and gpu-host-2 (4 simulated A100 40GB)"
+start_background_as executor-1 executor --executor-id gpu-host-1 --gpus sim:4xH100-80GB --work-dir "$OVERFLY_STATE_DIR/work/gpu-host-1"
+start_background_as executor-2 executor --executor-id gpu-host-2 --gpus sim:4xA100-40GB --work-dir "$OVERFLY_STATE_DIR/work/gpu-host-2"
+deadline=$((SECONDS + READY_TIMEOUT_S))
+until [ "$(curl -s --max-time 2 "$QUERY_URL/executors?state=active" | grep -o '"executor_id"' | wc -l)" -ge 2 ]; do
+  [ "$SECONDS" -lt "$deadline" ] || die "the executors did not become active within ${READY_TIMEOUT_S}s (logs: $OVERFLY_STATE_DIR/executor-*.log)"
+  sleep 1
+done
+ok "both executors active"
 
 # ------------------------------------------------------------------- jobs
 step "submitting jobs (Idempotency-Key: demo-*-$RUN)"
@@ -236,14 +267,25 @@ submit() { # SHORT_NAME JSON
 }
 RERUN=0
 
-submit tiles '{"name":"tiles-eu-west","account":"geo-team","submitted_by":"ana","priority":60,"gpus":2,"gpu_memory_mb":40000,"command":["python","infer.py","--tiles","1200"],"env":{"BATCH":"64"},"params":{"region":"eu-west"},"labels":{"benchmark":"tiles-v1"},"max_retries":2,"timeout_s":3600}'
-submit tiles-us '{"name":"tiles-us-east","account":"geo-team","submitted_by":"ana","priority":60,"gpus":2,"gpu_memory_mb":40000,"command":["python","infer.py","--tiles","800"],"env":{"BATCH":"64"},"params":{"region":"us-east"},"labels":{"benchmark":"tiles-v1"},"max_retries":2,"timeout_s":3600}'
-submit floods '{"name":"segformer-floods-2025","account":"geo-team","submitted_by":"eli","priority":40,"gpus":1,"gpu_memory_mb":24000,"command":["python","segment.py","--model","segformer-b2","--scenes","sentinel1/2025-q3"],"env":{"OMP_NUM_THREADS":"8"},"params":{"threshold":0.35},"labels":{"project":"flood-watch"},"max_retries":1,"timeout_s":7200}'
-submit resnet '{"name":"resnet50-finetune-crops","account":"vision-team","submitted_by":"bo","priority":50,"gpus":4,"gpu_memory_mb":70000,"command":["torchrun","--nproc_per_node","4","train.py","--model","resnet50","--epochs","20"],"env":{"NCCL_DEBUG":"WARN"},"params":{"lr":0.0003,"batch_size":256},"labels":{"dataset":"crops-v3"},"max_retries":3,"timeout_s":28800}'
-submit clip '{"name":"clip-embed-backfill","account":"vision-team","submitted_by":"farid","priority":20,"gpus":8,"gpu_memory_mb":60000,"command":["python","embed.py","--model","ViT-L-14","--shards","0-511"],"env":{"BATCH":"1024"},"params":{"shards":512},"labels":{"kind":"backfill"},"max_retries":5,"timeout_s":86400}'
-submit llm-eval '{"name":"llm-eval-mmlu","account":"nlp-team","submitted_by":"chen","priority":70,"gpus":1,"gpu_memory_mb":75000,"command":["python","eval.py","--model","llama-3-8b-instruct","--suite","mmlu","--shots","5"],"env":{"HF_HUB_OFFLINE":"1"},"params":{"shots":5},"labels":{"benchmark":"mmlu"},"max_retries":1,"timeout_s":5400}'
-submit sweep-lr-1 '{"name":"sweep-lora-lr-1e-4","account":"nlp-team","submitted_by":"dana","priority":30,"gpus":1,"gpu_memory_mb":40000,"command":["python","finetune_lora.py","--lr","1e-4","--rank","16"],"env":{"WANDB_MODE":"offline"},"params":{"lr":0.0001,"rank":16},"labels":{"sweep":"lora-lr"},"max_retries":0,"timeout_s":10800}'
-submit sweep-lr-2 '{"name":"sweep-lora-lr-3e-4","account":"nlp-team","submitted_by":"dana","priority":30,"gpus":1,"gpu_memory_mb":40000,"command":["python","finetune_lora.py","--lr","3e-4","--rank","16"],"env":{"WANDB_MODE":"offline"},"params":{"lr":0.0003,"rank":16},"labels":{"sweep":"lora-lr"},"max_retries":0,"timeout_s":10800}'
+TILES="$TARGET_DIR/release/overfly-tiles"
+# job NAME ACCOUNT USER PRIORITY GPUS MEMORY_MB MAX_RETRIES TIMEOUT_S LABELS_JSON TILES_ARGS...
+job() {
+  local name=$1 account=$2 user=$3 priority=$4 gpus=$5 memory=$6 retries=$7 timeout=$8 labels=$9
+  shift 9
+  local argv="\"$TILES\",\"--region\",\"$name\""
+  for arg in "$@"; do argv="$argv,\"$arg\""; done
+  printf '{"name":"%s","account":"%s","submitted_by":"%s","priority":%s,"gpus":%s,"gpu_memory_mb":%s,"command":[%s],"env":{"BATCH":"64"},"labels":%s,"max_retries":%s,"timeout_s":%s}' \
+    "$name" "$account" "$user" "$priority" "$gpus" "$memory" "$argv" "$labels" "$retries" "$timeout"
+}
+submit tiles "$(job tiles-eu-west geo-team ana 60 2 40000 2 600 '{"benchmark":"tiles-v1"}' --tiles 60 --ms-per-tile 100)"
+submit tiles-us "$(job tiles-us-east geo-team ana 60 2 40000 2 600 '{"benchmark":"tiles-v1"}' --tiles 400 --ms-per-tile 100)"
+submit floods "$(job segformer-floods geo-team eli 40 1 24000 2 600 '{"project":"flood-watch"}' --tiles 50 --ms-per-tile 40 --fail-at 20 --exit-code 3)"
+submit resnet "$(job resnet50-finetune-crops vision-team bo 50 4 70000 1 600 '{"benchmark":"tiles-v1"}' --tiles 80 --ms-per-tile 100)"
+submit clip "$(job clip-embed-backfill vision-team farid 20 8 60000 0 600 '{"kind":"backfill"}' --tiles 10)"
+submit llm-eval "$(job llm-eval-mmlu nlp-team chen 70 1 75000 1 600 '{"benchmark":"tiles-v1"}' --tiles 40 --ms-per-tile 80)"
+submit sweep-lr-1 "$(job sweep-lora-lr-1e-4 nlp-team dana 30 1 16000 0 600 '{"sweep":"lora-lr"}' --tiles 30 --ms-per-tile 60)"
+submit sweep-lr-2 "$(job sweep-lora-lr-3e-4 nlp-team dana 30 1 16000 0 600 '{"sweep":"lora-lr"}' --tiles 45 --ms-per-tile 60)"
+submit stuck "$(job stuck-reader ops-team sam 10 1 0 0 4 '{"kind":"canary"}' --tiles 0 --hang)"
 
 step "idempotency: replaying the tiles-eu-west submit with the same Idempotency-Key"
 submit_job "demo-tiles-$RUN" "${BODY[tiles]}"
@@ -267,7 +309,8 @@ elif [[ "$HTTP_CTYPE" != application/problem+json* ]]; then
 fi
 
 if [ -n "${JOB[tiles-us]:-}" ]; then
-  step "cancel: ana cancels tiles-us-east (wrong region)"
+  sleep 3
+  step "cancel: ana cancels tiles-us-east while it runs (wrong region): its executor stops the process"
   cancel_job "${JOB[tiles-us]}" ana "wrong region"
   note "HTTP $HTTP_STATUS"
   show_body
@@ -282,11 +325,17 @@ if [ -n "${JOB[llm-eval]:-}" ]; then
   expect_change "priority change"
 fi
 
-step "executor: registering gpu-host-1 with one H100"
-register_executor '{"executor_id":"gpu-host-1","hostname":"gpu-host-1","lease_s":30,"gpus":[{"uuid":"GPU-00000000-0000-0000-0000-000000000001","index":0,"name":"NVIDIA H100 80GB HBM3","memory_mb":81559,"compute_capability":"9.0"}]}'
-note "HTTP $HTTP_STATUS"
-show_body
-expect_change "executor registration"
+step "waiting for the work to play out (retries, a timeout, successes; about 20 s)"
+deadline=$((SECONDS + 90))
+while :; do
+  active="$(curl -s --max-time 2 "$QUERY_URL/jobs?limit=500&with_total=true&state=running" | sed -n 's/.*"total":\([0-9]*\).*/\1/p')"
+  assigned="$(curl -s --max-time 2 "$QUERY_URL/jobs?limit=500&with_total=true&state=assigned" | sed -n 's/.*"total":\([0-9]*\).*/\1/p')"
+  queued="$(curl -s --max-time 2 "$QUERY_URL/jobs?limit=500&with_total=true&state=queued" | sed -n 's/.*"total":\([0-9]*\).*/\1/p')"
+  note "running ${active:-?}, assigned ${assigned:-?}, queued ${queued:-?} (the 8-GPU job can never fit)"
+  if [ "${active:-1}" = 0 ] && [ "${assigned:-1}" = 0 ] && [ "${queued:-9}" -le 1 ]; then break; fi
+  [ "$SECONDS" -lt "$deadline" ] || { warn "still busy after 90 s; showing what there is"; break; }
+  sleep 3
+done
 
 # ---------------------------------------------------------- where to look
 step "the last events in the event store"
@@ -307,6 +356,26 @@ query() { # PATH
   if have jq; then printf '%s\n' "$out" | jq . 2>/dev/null || printf '%s\n' "$out"; else printf '%s\n' "$out"; fi
 }
 query "/jobs?limit=3&with_total=true&min_position=${LAST_POSITION:-1}"
+for state in succeeded failed cancelled queued; do
+  step "jobs $state"
+  curl -sS --max-time 5 "$QUERY_URL/jobs?state=$state&limit=20" | grep -o '"name":"[^"]*"' | sed 's/^/    /' || true
+done
+if [ -n "${JOB[clip]:-}" ]; then
+  step "why is clip-embed-backfill (8 GPUs, 60 GB each) still pending?"
+  query "/jobs/${JOB[clip]}/explain"
+fi
+step "runs ranked by the accuracy they reported (label benchmark=tiles-v1)"
+query "/leaderboards/accuracy?label=benchmark=tiles-v1&limit=5"
+step "accounts ranked by GPU-hours, then by efficiency (GPU time busy / sampled, least efficient first)"
+query "/usage/leaderboard?by=gpu_hours"
+query "/usage/leaderboard?by=efficiency&order=asc"
+step "GPUs and who holds them; projections' health"
+query "/gpus"
+query "/projections"
+if [ -n "${JOB[floods]:-}" ]; then
+  step "audit: segformer-floods failed, was retried with backoff, and failed for good"
+  curl -sS --max-time 5 "$QUERY_URL/jobs/${JOB[floods]}/history" | grep -o '"event_type":"[^"]*"' | sed 's/^/    /' || true
+fi
 if [ -n "${JOB[llm-eval]:-}" ]; then
   step "audit: the history of llm-eval-mmlu (who, when, why, trace)"
   query "/jobs/${JOB[llm-eval]}/history"
@@ -315,7 +384,8 @@ fi
 say ""
 say "Where to look next:"
 say "  command API docs       $URL/docs"
-say "  query API docs         $QUERY_URL/docs   (GET /jobs, /jobs/{id}?as_of=…, /jobs/{id}/history)"
+say "  query API docs         $QUERY_URL/docs   (GET /jobs, /jobs/{id}?as_of=…, /jobs/{id}/explain, /jobs/{id}/history, leaderboards)"
+say "  executor logs          $OVERFLY_STATE_DIR/executor-1.log, executor-2.log (run dirs in $OVERFLY_STATE_DIR/work)"
 say "  OpenAPI document       $URL/openapi.json"
 say "  service log            $LOG_FILE"
 say "  events                 psql \"$DATABASE_URL\" -c 'select * from events order by global_position desc limit 15'"

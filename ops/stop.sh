@@ -9,7 +9,11 @@ set -euo pipefail
 STOP_TIMEOUT_S="${OVERFLY_STOP_TIMEOUT:-15}"
 
 shopt -s nullglob
-pid_files=("$OVERFLY_STATE_DIR"/*.pid)
+# Executors first: they drain through the command service, so it must still be up.
+pid_files=("$OVERFLY_STATE_DIR"/executor*.pid)
+for f in "$OVERFLY_STATE_DIR"/*.pid; do
+  case "$(basename "$f")" in executor*) ;; *) pid_files+=("$f") ;; esac
+done
 if [ "${#pid_files[@]}" -eq 0 ]; then
   say "nothing to stop (no pid files in $OVERFLY_STATE_DIR)"
   exit 0
