@@ -70,7 +70,12 @@ async fn scheduled_jobs_run_on_the_executors_and_no_gpu_is_held_twice() {
     }
     all.insert(failing, failed);
 
-    // No GPU was held by two runs at once: from assignment to the run's end.
+    assert_no_gpu_held_twice(&all);
+}
+
+/// No GPU was held by two runs at once (from a run's assignment to its end), and every run
+/// ended.
+fn assert_no_gpu_held_twice(all: &HashMap<Uuid, Vec<(String, Value)>>) {
     let mut held: HashMap<String, Vec<Span>> = HashMap::new();
     for events in all.values() {
         let mut open: HashMap<String, (DateTime<Utc>, Vec<String>)> = HashMap::new();
@@ -98,6 +103,68 @@ async fn scheduled_jobs_run_on_the_executors_and_no_gpu_is_held_twice() {
             assert!(pair[0].1 <= pair[1].0, "GPU {gpu} held twice: {pair:?}");
         }
     }
+}
+
+/// Issue #4's test 1: three executors with simulated GPUs, 60 jobs of mixed priority, account,
+/// GPU count and memory: every job ends succeeded, no GPU is ever held by two runs, and each
+/// job ran where it fits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sixty_mixed_jobs_on_three_executors_all_succeed_without_double_booking() {
+    let h = helpers::start_with(true).await;
+    let _a = h.executor("mix-a", "sim:4xH100-80GB", &[], 1).await;
+    let _b = h.executor("mix-b", "sim:4xA100-40GB", &[], 1).await;
+    let _c = h.executor("mix-c", "sim:2xL4-24GB", &[], 1).await;
+    let mut jobs = Vec::new();
+    for n in 0..60usize {
+        let gpus = [1, 1, 2, 4][n % 4];
+        // Every fourth job needs 80 GB GPUs (only mix-a has them); others fit anywhere big
+        // enough for their GPU count.
+        let memory = if n % 4 == 3 {
+            80_000
+        } else {
+            [0, 16_000, 24_000][n % 3]
+        };
+        let ms = (10 + 10 * (n % 3)).to_string();
+        let account = ["geo", "vision", "nlp"][n % 3];
+        let response = h
+            .post(
+                "/jobs",
+                &serde_json::json!({
+                    "name": format!("mix-{n}"), "account": account,
+                    "submitted_by": "ana", "priority": (n * 37) % 101, "gpus": gpus,
+                    "gpu_memory_mb": memory,
+                    "command": tiles(&["--tiles", "4", "--ms-per-tile", &ms]),
+                    "max_retries": 0, "timeout_s": 600,
+                }),
+            )
+            .await;
+        assert_eq!(response.status(), 201);
+        let id: Uuid = response.json::<Value>().await.unwrap()["id"]
+            .as_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+        jobs.push((id, gpus, memory));
+    }
+    let mut all: HashMap<Uuid, Vec<(String, Value)>> = HashMap::new();
+    for &(job, gpus, memory) in &jobs {
+        let events = h.wait_for_event(job, "JobSucceeded").await;
+        assert_eq!(count(&events, "RunAssigned"), 1, "{events:?}");
+        let assigned = &events.iter().find(|(t, _)| t == "RunAssigned").unwrap().1["RunAssigned"];
+        assert_eq!(assigned["gpu_uuids"].as_array().unwrap().len(), gpus);
+        let executor = assigned["executor_id"].as_str().unwrap();
+        if memory == 80_000 {
+            assert_eq!(executor, "mix-a", "{assigned}");
+        }
+        if gpus == 4 && memory > 40_960 {
+            assert_eq!(executor, "mix-a");
+        }
+        if memory > 24_576 || gpus > 2 {
+            assert_ne!(executor, "mix-c", "{assigned}");
+        }
+        all.insert(job, events);
+    }
+    assert_no_gpu_held_twice(&all);
 }
 
 #[tokio::test]
