@@ -14,8 +14,9 @@
 //!   retryable for the latter (a new placement may fit);
 //! - timeout (`timeout_s` of the spec, from the start) → SIGTERM to the group, SIGKILL after
 //!   the kill grace, `timed-out`;
-//! - cancel (`JobCancelled` naming this run) → SIGTERM, SIGKILL after the kill grace, nothing
-//!   reported (the cancellation is the run's recorded end);
+//! - cancel (`JobCancelled` naming this run) → SIGTERM, SIGKILL after the kill grace, then
+//!   `failed`, not retryable, with the signal or code that ended it and "cancelled: …" (the job
+//!   is cancelled already: the domain records the run's end and its utilisation, no retry);
 //! - the command service refuses a report of the run (it ended elsewhere, e.g. the executor
 //!   was marked lost) → SIGKILL, nothing more reported;
 //! - executor shutdown past the drain grace → SIGTERM/SIGKILL, `failed` retryable
@@ -409,7 +410,27 @@ pub async fn execute(
         Outcome::TimedOut => {
             refused_or_log("timed-out", client.timed_out(job_id, run_id, util).await);
         }
-        Outcome::Stopped(Stop::Cancel, _) | Outcome::Stopped(Stop::Refused(_), _) => {}
+        // The job is cancelled already; the run's end says how the process was stopped (and
+        // with its utilisation). The domain records it without retrying a cancelled job.
+        Outcome::Stopped(Stop::Cancel, status) => {
+            let how = match (status.code(), status.signal()) {
+                (_, Some(signal)) => format!("killed by signal {}", describe_signal(signal)),
+                (Some(code), _) => format!("exited with code {code}"),
+                (None, None) => "ended".to_string(),
+            };
+            let failure = Failure {
+                exit_code: status.code(),
+                signal: status.signal(),
+                reason: format!("cancelled: the process was stopped ({how})"),
+                retryable: false,
+            };
+            tracing::info!(%job_id, %run_id, reason = %failure.reason, "cancelled run stopped");
+            refused_or_log(
+                "failed",
+                client.failed(job_id, run_id, &failure, util).await,
+            );
+        }
+        Outcome::Stopped(Stop::Refused(_), _) => {}
         Outcome::Stopped(Stop::Shutdown, status) => {
             let failure = Failure {
                 exit_code: status.code(),

@@ -127,7 +127,7 @@ async fn an_assigned_run_gets_its_gpus_and_reports_progress_logs_and_success_onc
 }
 
 #[tokio::test]
-async fn cancel_stops_the_process_group_and_nothing_more_is_reported() {
+async fn cancel_stops_the_process_group_and_its_end_is_reported_once() {
     let h = helpers::start().await;
     let _executor = h
         .executor("gpu-host-b", "sim:2xA100-40GB,2xL4-24GB", &[], 1)
@@ -172,18 +172,39 @@ async fn cancel_stops_the_process_group_and_nothing_more_is_reported() {
     })
     .await;
     h.wait_for_done("gpu-host-b", run).await;
-    let events = h.events(job).await;
+    let events = h.wait_for_event(job, "RunFailed").await;
     let cancelled_at = events
         .iter()
         .position(|(t, _)| t == "JobCancelled")
         .unwrap();
     let after: Vec<&String> = events[cancelled_at + 1..].iter().map(|(t, _)| t).collect();
     // A progress report already on its way when the cancel was recorded may land after it
-    // (the domain still accepts it); nothing else, and the run's end is never reported.
+    // (the domain still accepts it); then the run's end, once: how the process was stopped
+    // (SIGKILL: it ignored SIGTERM), not retryable, and no retry or job failure follows.
+    assert_eq!(
+        count(&events[cancelled_at + 1..], "RunFailed"),
+        1,
+        "{after:?}"
+    );
     assert!(
-        after.len() <= 1 && after.iter().all(|t| *t == "RunProgressed"),
+        after
+            .iter()
+            .all(|t| *t == "RunProgressed" || *t == "RunFailed"),
         "reported after the cancel: {after:?}"
     );
+    let end = payload(&events, "RunFailed");
+    assert_eq!(end["signal"], 9, "{end}");
+    assert_eq!(end["retryable"], false);
+    assert!(
+        end["reason"].as_str().unwrap().starts_with("cancelled"),
+        "{end}"
+    );
+    assert!(
+        end["utilisation"]["gpu_seconds_sampled"].as_f64().unwrap() > 0.0,
+        "{end}"
+    );
+    assert_eq!(count(&events, "RetryScheduled"), 0);
+    assert_eq!(count(&events, "JobFailed"), 0);
 }
 
 #[tokio::test]
