@@ -105,6 +105,13 @@ impl Projection for AnyProjection {
     ) -> Result<jobs::Applied, ProjectionError> {
         delegate!(self, p => p.apply(conn, envelope).await)
     }
+    async fn apply_batch(
+        &self,
+        conn: &mut PgConnection,
+        envelopes: &[EventEnvelope],
+    ) -> Result<Vec<jobs::Applied>, (usize, ProjectionError)> {
+        delegate!(self, p => p.apply_batch(conn, envelopes).await)
+    }
 }
 
 /// Events read and applied per transaction.
@@ -388,35 +395,41 @@ pub(crate) async fn apply_batch(
         stream_sequence: 0,
     };
     let read = rows.len() as u64;
-    let mut applied = 0;
-    for row in rows {
-        let (
-            _tx,
-            position,
-            aggregate_type,
-            aggregate_id,
-            sequence,
-            event_type,
-            event_version,
-            payload,
-            _metadata,
-            recorded_at,
-        ) = row;
-        let envelope = EventEnvelope {
-            aggregate_type,
-            aggregate_id,
-            sequence,
-            position,
-            event_type,
-            event_version,
-            recorded_at,
-            metadata: serde_json::Map::new(),
-            payload,
-        };
-        if projection.apply(conn, &envelope).await? == jobs::Applied::Applied {
-            applied += 1;
-        }
-    }
+    let envelopes: Vec<EventEnvelope> = rows
+        .into_iter()
+        .map(
+            |(
+                _tx,
+                position,
+                aggregate_type,
+                aggregate_id,
+                sequence,
+                event_type,
+                event_version,
+                payload,
+                _metadata,
+                recorded_at,
+            )| EventEnvelope {
+                aggregate_type,
+                aggregate_id,
+                sequence,
+                position,
+                event_type,
+                event_version,
+                recorded_at,
+                metadata: serde_json::Map::new(),
+                payload,
+            },
+        )
+        .collect();
+    // The projection's batch path (one round trip per table where it has one).
+    let applied = projection
+        .apply_batch(conn, &envelopes)
+        .await
+        .map_err(|(_, error)| error)?
+        .into_iter()
+        .filter(|a| *a == jobs::Applied::Applied)
+        .count() as u64;
     store_checkpoint(conn, projection.name(), &last, applied as usize).await?;
     let cursor =
         Cursor::parse(&last.tx_id, last.position).ok_or_else(|| ProjectionError::Malformed {
