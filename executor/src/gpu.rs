@@ -2,7 +2,8 @@
 //! or from a simulated backend (`sim:4xH100-80GB`) whose utilisation, memory and power
 //! follow what the executor runs on each simulated GPU.
 
-use std::sync::Mutex;
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 
@@ -351,7 +352,81 @@ impl GpuBackend for SimBackend {
 /// Real GPUs through NVML. `libnvidia-ml.so.1` is loaded at run time, so the executor builds
 /// and starts on hosts without a driver; there `init` fails with a clear message.
 pub struct NvmlBackend {
-    nvml: nvml_wrapper::Nvml,
+    /// One per process, for its lifetime (the XID watchers borrow it from their threads).
+    nvml: &'static nvml_wrapper::Nvml,
+    /// Critical XID errors seen per GPU index since the executor started.
+    xids: Arc<Mutex<BTreeMap<u32, XidSeen>>>,
+}
+
+/// The critical XID errors (NVML events) one GPU reported.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct XidSeen {
+    /// The last XID number (e.g. 79: the GPU fell off the bus); `None` if NVML did not say.
+    pub last: Option<u64>,
+    pub count: u64,
+}
+
+impl XidSeen {
+    /// How a sample's health reads with these errors.
+    pub fn describe(&self) -> String {
+        let last = self
+            .last
+            .map_or_else(|| "unknown".to_string(), |x| x.to_string());
+        format!("{} critical XID errors, last XID {last}", self.count)
+    }
+}
+
+/// One thread per GPU waits for its critical XID events (NVML event sets are per process and
+/// block) and records them for the samples. A GPU that does not support the events is
+/// logged and left unwatched.
+fn watch_xids(nvml: &'static nvml_wrapper::Nvml, xids: Arc<Mutex<BTreeMap<u32, XidSeen>>>) {
+    use nvml_wrapper::bitmasks::event::EventTypes;
+    use nvml_wrapper::enums::event::XidError;
+    use nvml_wrapper::error::NvmlError;
+    let count = nvml.device_count().unwrap_or(0);
+    for index in 0..count {
+        let xids = xids.clone();
+        let spawned = std::thread::Builder::new()
+            .name(format!("nvml-xid-{index}"))
+            .spawn(move || {
+                let registered = nvml.create_event_set().map_err(|e| e.to_string()).and_then(|set| {
+                    let device = nvml.device_by_index(index).map_err(|e| e.to_string())?;
+                    device
+                        .register_events(EventTypes::CRITICAL_XID_ERROR, set)
+                        .map_err(|e| e.to_string())
+                });
+                let set = match registered {
+                    Ok(set) => set,
+                    Err(error) => {
+                        tracing::warn!(index, %error, "GPU does not report XID events; not watched");
+                        return;
+                    }
+                };
+                loop {
+                    match set.wait(5_000) {
+                        Ok(event) => {
+                            let last = match event.event_data {
+                                Some(XidError::Value(xid)) => Some(xid),
+                                _ => None,
+                            };
+                            tracing::error!(index, xid = ?last, "critical XID error");
+                            let mut xids = xids.lock().unwrap_or_else(|p| p.into_inner());
+                            let seen = xids.entry(index).or_default();
+                            seen.last = last;
+                            seen.count += 1;
+                        }
+                        Err(NvmlError::Timeout) => {}
+                        Err(error) => {
+                            tracing::warn!(index, %error, "stopped watching XID events");
+                            return;
+                        }
+                    }
+                }
+            });
+        if let Err(error) = spawned {
+            tracing::warn!(index, %error, "could not start the XID watcher");
+        }
+    }
 }
 
 /// What a failed `Nvml::init` means, in words an operator can act on.
@@ -380,7 +455,26 @@ impl NvmlBackend {
     pub fn init() -> Result<Self, GpuError> {
         let nvml = nvml_wrapper::Nvml::init()
             .map_err(|e| GpuError::Unavailable(describe_init_error(&e)))?;
-        Ok(Self { nvml })
+        let nvml: &'static nvml_wrapper::Nvml = Box::leak(Box::new(nvml));
+        let xids = Arc::new(Mutex::new(BTreeMap::new()));
+        watch_xids(nvml, xids.clone());
+        Ok(Self { nvml, xids })
+    }
+}
+
+/// `ok`, or what looks wrong: uncorrected ECC errors, critical XID errors.
+fn health(ecc_uncorrected: Option<u64>, xid: Option<XidSeen>) -> String {
+    let mut problems = Vec::new();
+    if let Some(n) = ecc_uncorrected.filter(|n| *n > 0) {
+        problems.push(format!("{n} uncorrected ECC errors"));
+    }
+    if let Some(xid) = xid.filter(|x| x.count > 0) {
+        problems.push(xid.describe());
+    }
+    if problems.is_empty() {
+        "ok".to_string()
+    } else {
+        problems.join("; ")
     }
 }
 
@@ -437,12 +531,16 @@ impl GpuBackend for NvmlBackend {
                 let ecc = device
                     .total_ecc_errors(MemoryError::Uncorrected, EccCounter::Volatile)
                     .ok();
-                let health = match ecc {
-                    Some(n) if n > 0 => format!("{n} uncorrected ECC errors"),
-                    _ => "ok".to_string(),
-                };
+                let index = device.index().unwrap_or(i);
+                let xid = self
+                    .xids
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .get(&index)
+                    .copied();
+                let health = health(ecc, xid);
                 Ok(GpuSample {
-                    index: device.index().unwrap_or(i),
+                    index,
                     uuid: device.uuid().map_err(nvml_err("uuid"))?,
                     utilisation: rates.as_ref().map_or(0.0, |r| f64::from(r.gpu) / 100.0),
                     memory_utilisation: rates.as_ref().map(|r| f64::from(r.memory) / 100.0),
@@ -462,6 +560,30 @@ impl GpuBackend for NvmlBackend {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn health_names_ecc_and_xid_errors() {
+        assert_eq!(health(None, None), "ok");
+        assert_eq!(health(Some(0), Some(XidSeen::default())), "ok");
+        assert_eq!(health(Some(2), None), "2 uncorrected ECC errors");
+        let xid = XidSeen {
+            last: Some(79),
+            count: 3,
+        };
+        assert_eq!(
+            health(Some(1), Some(xid)),
+            "1 uncorrected ECC errors; 3 critical XID errors, last XID 79"
+        );
+        let unknown = XidSeen {
+            last: None,
+            count: 1,
+        };
+        assert_eq!(
+            health(None, Some(unknown)),
+            "1 critical XID errors, last XID unknown"
+        );
+    }
+
     use super::*;
 
     #[test]
