@@ -3,9 +3,10 @@
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use poem_openapi::param::{Path, Query};
+use poem_openapi::param::{Header, Path, Query};
+use poem_openapi::payload::EventStream;
 use poem_openapi::payload::Json;
-use poem_openapi::{Object, OpenApi, Tags};
+use poem_openapi::{Object, OpenApi, Tags, Union};
 use sqlx::PgPool;
 use uuid::Uuid;
 
@@ -31,6 +32,8 @@ enum Tag {
     Leaderboards,
     /// The event store's history of any job or executor.
     Audit,
+    /// Live Server-Sent Events feeds, resumable with `Last-Event-ID`.
+    Feeds,
     /// Liveness, readiness and the projections' health.
     Health,
 }
@@ -56,7 +59,22 @@ pub struct QueryApi {
     pub read_your_writes_wait: Duration,
     /// The scheduler's policy, for `explain`.
     pub policy: overfly_domain::scheduler::Policy,
+    /// The live feeds' shared subscription; `None` without NATS (feeds answer 503).
+    pub feeds: Option<crate::feeds::Hub>,
 }
+
+/// One SSE message of a feed: `event:` is the event type (or `reset`), `id:` the JetStream
+/// stream sequence (pass the last one seen as `Last-Event-ID` to resume).
+#[derive(Debug, Clone, Union)]
+#[oai(discriminator_name = "kind")]
+pub enum FeedMessage {
+    Event(crate::feeds::FeedEvent),
+    /// The client read too slowly and fell behind the server's bounded buffer: resume after
+    /// `resume_after`. The connection closes after it.
+    Reset(crate::feeds::Reset),
+}
+
+type Feed = EventStream<futures::stream::BoxStream<'static, FeedMessage>>;
 
 fn bad(param: &str, detail: impl Into<String>) -> ApiError {
     ApiError::bad_request(detail, Some(param.to_string()))
@@ -66,6 +84,35 @@ fn uuid_param(name: &str, value: &str) -> Result<Uuid, ApiError> {
     value
         .parse()
         .map_err(|_| bad(name, format!("{name} must be a UUID, got {value:?}")))
+}
+
+/// A subject token filter: letters, digits, `_` and `-` (ids and type names never hold more).
+fn token(name: &str, value: Option<String>) -> Result<Option<String>, ApiError> {
+    match value {
+        Some(v)
+            if v.is_empty()
+                || !v
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') =>
+        {
+            Err(bad(name, "expected letters, digits, _ or -"))
+        }
+        other => Ok(other),
+    }
+}
+
+/// The `Last-Event-ID` header: a stream sequence.
+fn last_event_id_param(value: Option<&str>) -> Result<Option<u64>, ApiError> {
+    value
+        .map(|v| {
+            v.trim().parse::<u64>().map_err(|_| {
+                bad(
+                    "Last-Event-ID",
+                    "expected the id: of a message this feed sent",
+                )
+            })
+        })
+        .transpose()
 }
 
 /// A `label` parameter: `key=value`.
@@ -458,6 +505,50 @@ impl QueryApi {
         }
     }
 
+    /// Every event, live, as Server-Sent Events; filter by aggregate type, aggregate id and
+    /// event type. Reconnect with `Last-Event-ID` to get exactly what was missed.
+    #[oai(path = "/stream", method = "get", tag = "Tag::Feeds")]
+    async fn stream(
+        &self,
+        /// job or executor.
+        aggregate_type: Query<Option<String>>,
+        /// A job id or executor id.
+        aggregate_id: Query<Option<String>>,
+        /// E.g. `RunAssigned`.
+        event_type: Query<Option<String>>,
+        /// The `id:` of the last message received: the feed resumes right after it.
+        #[oai(name = "Last-Event-ID")]
+        last_event_id: Header<Option<String>>,
+    ) -> Result<Feed, ApiError> {
+        let filter = crate::feeds::Filter {
+            aggregate_type: token("aggregate_type", aggregate_type.0)?,
+            aggregate_id: token("aggregate_id", aggregate_id.0)?,
+            event_type: token("event_type", event_type.0)?,
+        };
+        let after = last_event_id_param(last_event_id.0.as_deref())?;
+        self.feed(filter, after).await
+    }
+
+    /// One job's events as Server-Sent Events: its whole history first (so a late client has
+    /// the whole story), then live. Reconnect with `Last-Event-ID` to resume.
+    #[oai(path = "/jobs/:job_id/events", method = "get", tag = "Tag::Feeds")]
+    async fn job_events(
+        &self,
+        job_id: Path<String>,
+        /// The `id:` of the last message received: the feed resumes right after it.
+        #[oai(name = "Last-Event-ID")]
+        last_event_id: Header<Option<String>>,
+    ) -> Result<Feed, ApiError> {
+        let job_id = uuid_param("job_id", &job_id)?;
+        let filter = crate::feeds::Filter {
+            aggregate_type: Some("job".into()),
+            aggregate_id: Some(job_id.to_string()),
+            event_type: None,
+        };
+        let after = last_event_id_param(last_event_id.0.as_deref())?.or(Some(0));
+        self.feed(filter, after).await
+    }
+
     /// Every event of a job, in order, with who, when, why and its trace.
     #[oai(path = "/jobs/:job_id/history", method = "get", tag = "Tag::Audit")]
     async fn job_history(&self, job_id: Path<String>) -> Result<Json<Vec<HistoryEvent>>, ApiError> {
@@ -514,6 +605,47 @@ impl QueryApi {
 }
 
 impl QueryApi {
+    async fn feed(
+        &self,
+        filter: crate::feeds::Filter,
+        after: Option<u64>,
+    ) -> Result<Feed, ApiError> {
+        let hub = self
+            .feeds
+            .as_ref()
+            .ok_or_else(|| ApiError::unavailable("live feeds need NATS (none is configured)"))?;
+        // Without Last-Event-ID: what comes after this instant, fixed now.
+        let after = match after {
+            Some(after) => after,
+            None => hub.now().await.map_err(|e| {
+                ApiError::unavailable(format!("the event stream is unavailable: {e}"))
+            })?,
+        };
+        let after = Some(after);
+        let stream = futures::StreamExt::map(hub.feed(filter, after), |item| match item {
+            crate::feeds::Item::Event(event) => FeedMessage::Event((*event).clone()),
+            crate::feeds::Item::Reset { after } => FeedMessage::Reset(crate::feeds::Reset {
+                resume_after: after,
+                reason: "the client read too slowly and fell behind the server's buffer".into(),
+            }),
+        });
+        Ok(EventStream::new(futures::StreamExt::boxed(stream))
+            .keep_alive(crate::feeds::KEEP_ALIVE)
+            .to_event(|message| match &message {
+                FeedMessage::Event(event) => poem::web::sse::Event::message(
+                    poem_openapi::types::ToJSON::to_json_string(event),
+                )
+                .event_type(event.event_type.clone())
+                .id(event.stream_sequence.to_string()),
+                FeedMessage::Reset(reset) => poem::web::sse::Event::message(
+                    serde_json::json!({"resume_after": reset.resume_after, "reason": reset.reason})
+                        .to_string(),
+                )
+                .event_type("reset")
+                .id(reset.resume_after.to_string()),
+            }))
+    }
+
     async fn history(
         &self,
         aggregate_type: &str,

@@ -29,6 +29,7 @@ pub fn openapi_json() -> String {
         pool,
         read_your_writes_wait: Duration::ZERO,
         policy: overfly_domain::scheduler::Policy::default(),
+        feeds: None,
     })
     .spec()
 }
@@ -36,6 +37,8 @@ pub fn openapi_json() -> String {
 pub struct Application {
     bound: Bound,
     api: QueryApi,
+    /// Set when the server shuts down: every live feed ends.
+    closing: tokio::sync::watch::Sender<bool>,
 }
 
 impl Application {
@@ -48,12 +51,21 @@ impl Application {
         .await?;
         overfly_infra::db::migrate(&pool).await?;
         let bound = overfly_http::server::bind(config.addr).await?;
+        let (closing, closed) = tokio::sync::watch::channel(false);
+        let nats = overfly_infra::nats::connect(&config.nats.nats_url, "overfly-query").await?;
+        let feeds =
+            crate::feeds::Hub::start(nats, config.stream.clone(), config.feed_buffer, closed);
         let api = QueryApi {
             pool,
             read_your_writes_wait: config.read_your_writes_wait(),
             policy: config.policy(),
+            feeds: Some(feeds),
         };
-        Ok(Self { bound, api })
+        Ok(Self {
+            bound,
+            api,
+            closing,
+        })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -61,6 +73,12 @@ impl Application {
     }
 
     pub async fn run_until(self, shutdown: impl Future<Output = ()> + Send) -> anyhow::Result<()> {
+        let closing = self.closing;
+        // Feeds end first, so the graceful shutdown is not held open by them.
+        let shutdown = async move {
+            shutdown.await;
+            let _ = closing.send(true);
+        };
         overfly_http::server::serve(self.bound, openapi(self.api), shutdown)
             .await
             .context("HTTP server")

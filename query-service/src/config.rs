@@ -30,6 +30,19 @@ pub enum Command {
 pub struct Config {
     #[command(flatten)]
     pub postgres: overfly_infra::config::Postgres,
+    #[command(flatten)]
+    pub nats: overfly_infra::config::Nats,
+    /// JetStream stream the live feeds read.
+    #[arg(long, env = "OVERFLY_EVENTS_STREAM", default_value = overfly_schemas::subjects::EVENTS_STREAM, global = true)]
+    pub stream: String,
+    /// Events the live feeds' shared buffer holds; a client further behind is reset.
+    #[arg(
+        long,
+        env = "OVERFLY_FEED_BUFFER",
+        default_value_t = 4096,
+        global = true
+    )]
+    pub feed_buffer: usize,
     /// The scheduler's policy (the same values as the command service's), for `explain`.
     #[command(flatten)]
     pub policy: overfly_infra::config::SchedulerPolicy,
@@ -74,8 +87,11 @@ impl Config {
 
     pub fn describe(&self) -> String {
         format!(
-            "database_url={} addr={} db_pool_size={} read_your_writes_wait_ms={} otlp_endpoint={}",
+            "database_url={} nats_url={} stream={} feed_buffer={} addr={} db_pool_size={} read_your_writes_wait_ms={} otlp_endpoint={}",
             overfly_infra::db::redact_url(&self.postgres.database_url),
+            overfly_infra::db::redact_url(&self.nats.nats_url),
+            self.stream,
+            self.feed_buffer,
             self.addr,
             self.db_pool_size,
             self.read_your_writes_wait_ms,

@@ -12,6 +12,7 @@ pub mod cli;
 pub mod config;
 pub mod executors;
 pub mod explain;
+pub mod feeds;
 pub mod history;
 pub mod jobs;
 pub mod leaderboards;

@@ -39,6 +39,11 @@ pub async fn spawn_stack() -> Stack {
 
 /// `wait_ms`: how long read-your-writes waits before a 503.
 pub async fn spawn_stack_with(wait_ms: u64) -> Stack {
+    spawn_stack_full(wait_ms, 4096).await
+}
+
+/// `feed_buffer`: events the live feeds' shared buffer holds.
+pub async fn spawn_stack_full(wait_ms: u64, feed_buffer: usize) -> Stack {
     // Spans carry trace ids (so events get a traceparent) only with the subscriber installed.
     static TELEMETRY: std::sync::OnceLock<overfly_infra::telemetry::TelemetryGuard> =
         std::sync::OnceLock::new();
@@ -72,6 +77,10 @@ pub async fn spawn_stack_with(wait_ms: u64) -> Stack {
         "127.0.0.1:0",
         "--read-your-writes-wait-ms",
         &wait_ms.to_string(),
+        "--nats-url",
+        &nats.url(),
+        "--feed-buffer",
+        &feed_buffer.to_string(),
     ]);
     let query_app = overfly_query_service::app::Application::build(&query_cli.config)
         .await
@@ -136,6 +145,11 @@ pub fn job_body(n: usize) -> Value {
 }
 
 impl Stack {
+    /// The test's nats-server.
+    pub fn nats_url(&self) -> String {
+        self._nats.url()
+    }
+
     /// POST to the command service; returns (status, body).
     pub async fn command(&self, path: &str, body: &Value) -> (u16, Value) {
         let response = self

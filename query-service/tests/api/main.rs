@@ -4,6 +4,7 @@
 
 mod executors;
 mod explain;
+mod feeds;
 mod helpers;
 mod history;
 mod jobs;

@@ -1,0 +1,292 @@
+//! Live SSE feeds over real HTTP: a job's lifecycle in order, resuming with `Last-Event-ID`
+//! without gap or duplicate, a client that reads nothing is reset, and many clients on one
+//! filter each get every event from one shared subscription.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use crate::helpers::{Stack, job_body, spawn_stack, spawn_stack_full};
+
+/// One SSE message.
+#[derive(Debug, Clone)]
+struct Message {
+    id: Option<String>,
+    event: Option<String>,
+    data: String,
+}
+
+/// A minimal SSE client over a streaming HTTP response.
+struct Sse {
+    response: reqwest::Response,
+    buffer: String,
+}
+
+impl Sse {
+    async fn connect(stack: &Stack, path: &str, last_event_id: Option<&str>) -> Self {
+        let mut request = stack.http.get(format!("http://{}{path}", stack.query));
+        if let Some(id) = last_event_id {
+            request = request.header("Last-Event-ID", id);
+        }
+        let response = request.send().await.unwrap();
+        assert_eq!(response.status(), 200, "{path}");
+        assert!(
+            response.headers()["content-type"]
+                .to_str()
+                .unwrap()
+                .starts_with("text/event-stream")
+        );
+        Self {
+            response,
+            buffer: String::new(),
+        }
+    }
+
+    /// The next message (comments skipped); `None` when the server closed the stream or
+    /// nothing came within `wait`.
+    async fn next(&mut self, wait: Duration) -> Option<Message> {
+        loop {
+            if let Some(end) = self.buffer.find("\n\n") {
+                let block: String = self.buffer.drain(..end + 2).collect();
+                let mut message = Message {
+                    id: None,
+                    event: None,
+                    data: String::new(),
+                };
+                let mut any = false;
+                for line in block.lines() {
+                    if let Some(v) = line.strip_prefix("id:") {
+                        message.id = Some(v.trim().to_string());
+                        any = true;
+                    } else if let Some(v) = line.strip_prefix("event:") {
+                        message.event = Some(v.trim().to_string());
+                        any = true;
+                    } else if let Some(v) = line.strip_prefix("data:") {
+                        message.data.push_str(v.trim_start());
+                        any = true;
+                    }
+                }
+                if any {
+                    return Some(message);
+                }
+                continue;
+            }
+            match tokio::time::timeout(wait, self.response.chunk()).await {
+                Ok(Ok(Some(chunk))) => self.buffer.push_str(&String::from_utf8_lossy(&chunk)),
+                _ => return None,
+            }
+        }
+    }
+}
+
+async fn command(stack: &Stack, path: &str, body: Value) -> i64 {
+    let (status, answer) = stack.command(path, &body).await;
+    assert!((200..300).contains(&status), "{path}: {status} {answer}");
+    answer["position"].as_i64().unwrap()
+}
+
+fn seq(message: &Message) -> u64 {
+    message.id.as_deref().unwrap().parse().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_client_sees_a_jobs_whole_lifecycle_in_order_live() {
+    let stack = spawn_stack().await;
+    command(
+        &stack,
+        "/executors",
+        json!({"executor_id": "h", "hostname": "h.example", "lease_s": 600,
+               "gpus": [{"uuid": "h-gpu0", "index": 0, "name": "NVIDIA H100 80GB HBM3",
+                         "memory_mb": 81559, "compute_capability": "9.0"}]}),
+    )
+    .await;
+    let (job, _) = stack.submit(&job_body(0)).await;
+    // Connected after the submit: the history comes first, then live.
+    let mut feed = Sse::connect(&stack, &format!("/jobs/{job}/events"), None).await;
+    let first = feed.next(Duration::from_secs(10)).await.unwrap();
+    assert_eq!(first.event.as_deref(), Some("JobSubmitted"));
+    let run = uuid::Uuid::new_v4().to_string();
+    command(
+        &stack,
+        &format!("/jobs/{job}/runs"),
+        json!({"run_id": run, "executor_id": "h", "gpu_uuids": ["h-gpu0"]}),
+    )
+    .await;
+    let report = |what: &'static str, body: Value| {
+        let stack = &stack;
+        let path = format!("/jobs/{job}/runs/{run}/{what}");
+        async move { command(stack, &path, body).await }
+    };
+    report("started", json!({"executor_id": "h"})).await;
+    report(
+        "progress",
+        json!({"executor_id": "h", "report_seq": 1, "progress": 0.5, "metrics": {"loss": 0.3}}),
+    )
+    .await;
+    report("succeeded", json!({"executor_id": "h"})).await;
+
+    let mut messages = vec![first];
+    while messages.last().unwrap().event.as_deref() != Some("JobSucceeded") {
+        messages.push(
+            feed.next(Duration::from_secs(10))
+                .await
+                .expect("the feed stalled"),
+        );
+    }
+    let types: Vec<&str> = messages
+        .iter()
+        .map(|m| m.event.as_deref().unwrap())
+        .collect();
+    assert_eq!(
+        types,
+        [
+            "JobSubmitted",
+            "RunAssigned",
+            "RunStarted",
+            "RunProgressed",
+            "RunSucceeded",
+            "JobSucceeded"
+        ]
+    );
+    for (n, message) in messages.iter().enumerate() {
+        let data: Value = serde_json::from_str(&message.data).unwrap();
+        assert_eq!(data["aggregate_id"], job.as_str());
+        assert_eq!(data["sequence"], n as i64 + 1);
+        assert_eq!(data["stream_sequence"].as_u64(), Some(seq(message)));
+    }
+    assert!(messages.windows(2).all(|w| seq(&w[0]) < seq(&w[1])));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn reconnecting_with_last_event_id_gets_exactly_what_was_missed() {
+    let stack = spawn_stack().await;
+    let mut feed = Sse::connect(&stack, "/stream?aggregate_type=job", None).await;
+    for n in 0..10 {
+        stack.submit(&job_body(n)).await;
+    }
+    let mut seen = Vec::new();
+    for _ in 0..5 {
+        seen.push(feed.next(Duration::from_secs(10)).await.unwrap());
+    }
+    drop(feed);
+    for n in 10..20 {
+        stack.submit(&job_body(n)).await;
+    }
+    let last = seen.last().unwrap().id.clone().unwrap();
+    let mut feed = Sse::connect(&stack, "/stream?aggregate_type=job", Some(&last)).await;
+    while seen.len() < 20 {
+        seen.push(
+            feed.next(Duration::from_secs(10))
+                .await
+                .expect("missing events"),
+        );
+    }
+    // Nothing more than the 20 submits.
+    assert!(feed.next(Duration::from_millis(500)).await.is_none());
+    let ids: Vec<u64> = seen.iter().map(seq).collect();
+    let distinct: BTreeSet<u64> = ids.iter().copied().collect();
+    assert_eq!(distinct.len(), 20, "duplicates: {ids:?}");
+    assert!(ids.windows(2).all(|w| w[0] < w[1]), "out of order: {ids:?}");
+    let jobs: BTreeSet<String> = seen
+        .iter()
+        .map(|m| serde_json::from_str::<Value>(&m.data).unwrap()["aggregate_id"].to_string())
+        .collect();
+    assert_eq!(jobs.len(), 20);
+    // A bad Last-Event-ID is a 400 naming it.
+    let response = stack
+        .http
+        .get(format!("http://{}/stream", stack.query))
+        .header("Last-Event-ID", "yesterday")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 400);
+    let problem: Value = response.json().await.unwrap();
+    assert_eq!(problem["field"], "Last-Event-ID");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_client_that_reads_nothing_is_reset_and_told_where_to_resume() {
+    // A 64-event buffer: the client falls behind quickly.
+    let stack = spawn_stack_full(10_000, 64).await;
+    let mut feed = Sse::connect(&stack, "/stream", None).await;
+    // Read nothing while 3,000 events pass.
+    let mut tasks = Vec::new();
+    for worker in 0..8 {
+        let http = stack.http.clone();
+        let url = format!("http://{}/jobs", stack.command);
+        tasks.push(tokio::spawn(async move {
+            for n in (worker..3000).step_by(8) {
+                let status = http
+                    .post(&url)
+                    .json(&job_body(n))
+                    .send()
+                    .await
+                    .unwrap()
+                    .status();
+                assert_eq!(status, 201);
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mut last_event = None;
+    let reset = loop {
+        let message = feed
+            .next(Duration::from_secs(10))
+            .await
+            .expect("the feed ended without a reset");
+        if message.event.as_deref() == Some("reset") {
+            break message;
+        }
+        last_event = message.id.clone();
+    };
+    let body: Value = serde_json::from_str(&reset.data).unwrap();
+    let resume_after = body["resume_after"].as_u64().unwrap();
+    assert_eq!(
+        Some(resume_after.to_string()),
+        last_event.or(Some("0".into()))
+    );
+    assert_eq!(reset.id, Some(resume_after.to_string()));
+    assert!(resume_after < 3000, "it fell behind: {resume_after}");
+    // Then the server closes the connection.
+    assert!(feed.next(Duration::from_secs(5)).await.is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_hundred_clients_on_one_filter_each_get_every_event() {
+    let stack = spawn_stack().await;
+    let mut clients = Vec::new();
+    for _ in 0..200 {
+        clients.push(Sse::connect(&stack, "/stream?event_type=JobSubmitted", None).await);
+    }
+    let mut jobs = BTreeSet::new();
+    for n in 0..20 {
+        jobs.insert(stack.submit(&job_body(n)).await.0);
+    }
+    let readers: Vec<_> = clients
+        .into_iter()
+        .map(|mut client| {
+            tokio::spawn(async move {
+                let mut got = BTreeSet::new();
+                while got.len() < 20 {
+                    let message = client.next(Duration::from_secs(20)).await.expect("stalled");
+                    let data: Value = serde_json::from_str(&message.data).unwrap();
+                    got.insert(data["aggregate_id"].as_str().unwrap().to_string());
+                }
+                got
+            })
+        })
+        .collect();
+    for reader in readers {
+        assert_eq!(reader.await.unwrap(), jobs);
+    }
+    // One shared subscription, not one consumer per client.
+    let js = async_nats::jetstream::new(async_nats::connect(stack.nats_url()).await.unwrap());
+    let mut stream = js.get_stream("OVERFLY_EVENTS").await.unwrap();
+    let consumers = stream.info().await.unwrap().state.consumer_count;
+    assert!(consumers <= 4, "{consumers} consumers for 200 clients");
+}
