@@ -505,11 +505,14 @@ impl QueryApi {
         }
     }
 
-    /// Every event, live, as Server-Sent Events; filter by aggregate type, aggregate id and
-    /// event type. Reconnect with `Last-Event-ID` to get exactly what was missed.
+    /// Every event, live, as Server-Sent Events; filter by account, aggregate type, aggregate
+    /// id and event type. Reconnect with `Last-Event-ID` to get exactly what was missed.
     #[oai(path = "/stream", method = "get", tag = "Tag::Feeds")]
+    #[allow(clippy::too_many_arguments)]
     async fn stream(
         &self,
+        /// Only events of this account's jobs.
+        account: Query<Option<String>>,
         /// job or executor.
         aggregate_type: Query<Option<String>>,
         /// A job id or executor id.
@@ -524,6 +527,7 @@ impl QueryApi {
             aggregate_type: token("aggregate_type", aggregate_type.0)?,
             aggregate_id: token("aggregate_id", aggregate_id.0)?,
             event_type: token("event_type", event_type.0)?,
+            account: token("account", account.0)?,
         };
         let after = last_event_id_param(last_event_id.0.as_deref())?;
         self.feed(filter, after).await
@@ -544,6 +548,7 @@ impl QueryApi {
             aggregate_type: Some("job".into()),
             aggregate_id: Some(job_id.to_string()),
             event_type: None,
+            account: None,
         };
         let after = last_event_id_param(last_event_id.0.as_deref())?.or(Some(0));
         self.feed(filter, after).await

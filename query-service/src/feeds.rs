@@ -70,6 +70,50 @@ pub struct Filter {
     pub aggregate_type: Option<String>,
     pub aggregate_id: Option<String>,
     pub event_type: Option<String>,
+    /// Only events of this account's jobs (executor events belong to no account).
+    pub account: Option<String>,
+}
+
+/// Which account each job belongs to, for a connection with an account filter: from the
+/// `JobSubmitted` events it sees, else from the jobs read model.
+#[derive(Default)]
+struct Accounts {
+    of_job: std::collections::HashMap<String, Option<String>>,
+}
+
+impl Accounts {
+    async fn matches(&mut self, pool: &sqlx::PgPool, filter: &Filter, event: &FeedEvent) -> bool {
+        let Some(account) = &filter.account else {
+            return true;
+        };
+        if event.aggregate_type != "job" {
+            return false;
+        }
+        if event.event_type == "JobSubmitted" {
+            let submitted = event.payload["JobSubmitted"]["spec"]["account"]
+                .as_str()
+                .map(str::to_string);
+            self.of_job.insert(event.aggregate_id.clone(), submitted);
+        }
+        if !self.of_job.contains_key(&event.aggregate_id) {
+            let found: Option<String> = match uuid::Uuid::parse_str(&event.aggregate_id) {
+                Ok(id) => sqlx::query_scalar("SELECT account FROM read_jobs WHERE job_id = $1")
+                    .bind(id)
+                    .fetch_optional(pool)
+                    .await
+                    .ok()
+                    .flatten(),
+                Err(_) => None,
+            };
+            self.of_job.insert(event.aggregate_id.clone(), found);
+        }
+        self.of_job
+            .get(&event.aggregate_id)
+            .cloned()
+            .flatten()
+            .as_ref()
+            == Some(account)
+    }
 }
 
 impl Filter {
@@ -104,6 +148,8 @@ impl Filter {
 #[derive(Clone)]
 pub struct Hub {
     jetstream: jetstream::Context,
+    /// For the account filter (the jobs read model).
+    pool: sqlx::PgPool,
     stream: String,
     ring: broadcast::Sender<Arc<FeedEvent>>,
     /// The stream sequence after which the ring has every event (`None` until the shared
@@ -116,6 +162,7 @@ impl Hub {
     /// Starts the shared subscription (retrying until the stream exists). `buffer`: events
     /// the ring holds for slow connections.
     pub fn start(
+        pool: sqlx::PgPool,
         nats: async_nats::Client,
         stream: String,
         buffer: usize,
@@ -124,6 +171,7 @@ impl Hub {
         let (ring, _) = broadcast::channel(buffer.max(16));
         let hub = Self {
             jetstream: jetstream::new(nats),
+            pool,
             stream,
             ring,
             covered_from: watch::channel(None).0,
@@ -221,9 +269,10 @@ impl Hub {
             if covered.wait_for(Option::is_some).await.is_err() {
                 return;
             }
+            let mut accounts = Accounts::default();
             let mut last = after.unwrap_or(0) as i64;
             if let Some(after) = after {
-                match hub.catch_up(&filter, after, &tx).await {
+                match hub.catch_up(&filter, &mut accounts, after, &tx).await {
                     Ok(Some(sent)) => last = sent,
                     Ok(None) => {}
                     Err(error) => {
@@ -240,7 +289,10 @@ impl Hub {
                 };
                 match next {
                     Ok(event) => {
-                        if event.stream_sequence <= last || !filter.matches(&event) {
+                        if event.stream_sequence <= last
+                            || !filter.matches(&event)
+                            || !accounts.matches(&hub.pool, &filter, &event).await
+                        {
                             continue;
                         }
                         last = event.stream_sequence;
@@ -263,6 +315,7 @@ impl Hub {
     async fn catch_up(
         &self,
         filter: &Filter,
+        accounts: &mut Accounts,
         after: u64,
         tx: &tokio::sync::mpsc::Sender<Item>,
     ) -> anyhow::Result<Option<i64>> {
@@ -298,7 +351,8 @@ impl Hub {
                     if sequence > end {
                         break;
                     }
-                    if filter.matches(&event) {
+                    if filter.matches(&event) && accounts.matches(&self.pool, filter, &event).await
+                    {
                         sent = Some(event.stream_sequence);
                         if tx.send(Item::Event(Arc::new(event))).await.is_err() {
                             return Ok(sent);

@@ -290,3 +290,48 @@ async fn two_hundred_clients_on_one_filter_each_get_every_event() {
     let consumers = stream.info().await.unwrap().state.consumer_count;
     assert!(consumers <= 4, "{consumers} consumers for 200 clients");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_account_filter_keeps_that_accounts_job_events_only() {
+    let stack = spawn_stack().await;
+    // job_body: n % 3 picks the account (geo-team, vision-team, nlp-team).
+    let (geo_before, _) = stack.submit(&job_body(0)).await;
+    stack.submit(&job_body(1)).await;
+    // Known to the read model before the client connects: found there, not in the feed.
+    stack.wait_for_jobs(2).await;
+    let mut feed = Sse::connect(&stack, "/stream?account=geo-team", None).await;
+    let (geo, _) = stack.submit(&job_body(3)).await;
+    stack.submit(&job_body(4)).await;
+    command(
+        &stack,
+        &format!("/jobs/{geo_before}/priority"),
+        json!({"priority": 90, "by": "lead", "reason": "deadline"}),
+    )
+    .await;
+    command(
+        &stack,
+        "/executors",
+        json!({"executor_id": "h", "hostname": "h.example", "lease_s": 600,
+               "gpus": [{"uuid": "h-gpu0", "index": 0, "name": "NVIDIA H100 80GB HBM3",
+                         "memory_mb": 81559, "compute_capability": "9.0"}]}),
+    )
+    .await;
+    let mut got = Vec::new();
+    while let Some(message) = feed.next(Duration::from_secs(3)).await {
+        let data: Value = serde_json::from_str(&message.data).unwrap();
+        got.push((
+            data["aggregate_id"].as_str().unwrap().to_string(),
+            message.event.unwrap(),
+        ));
+    }
+    assert_eq!(
+        got,
+        [
+            (geo, "JobSubmitted".to_string()),
+            (geo_before, "JobPriorityChanged".to_string())
+        ]
+    );
+    let (status, _, problem) = stack.query("/stream?account=a.b").await;
+    assert_eq!(status, 400);
+    assert_eq!(problem["field"], "account");
+}
