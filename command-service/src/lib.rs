@@ -13,5 +13,6 @@ pub mod config;
 mod event_store;
 mod group_commit;
 pub mod idempotency;
+mod leader;
 pub mod relay;
 pub mod scheduler;

@@ -98,26 +98,14 @@ impl Relay {
     }
 
     async fn lead(&self) -> anyhow::Result<()> {
-        let mut conn = self.pool.acquire().await?.detach();
-        let mut standing_by = false;
-        while !sqlx::query_scalar::<_, bool>("SELECT pg_try_advisory_lock($1)")
-            .bind(LEADER_LOCK)
-            .fetch_one(&mut conn)
-            .await?
-        {
-            if !standing_by {
-                tracing::info!("another relay holds the lock; standing by");
-                standing_by = true;
-            }
-            tokio::time::sleep(Duration::from_secs(1)).await;
-        }
+        let mut conn = crate::leader::acquire(&self.pool, LEADER_LOCK, "relay").await?;
         // The position is a hint the relay re-checks against the stream on every start, so
         // its writes need not wait for the WAL flush: a position lost in a Postgres crash only
         // makes the relay re-read the stream's tail. The events themselves are untouched.
         sqlx::query("SET synchronous_commit = off")
             .execute(&mut conn)
             .await?;
-        tracing::info!(stream = %self.config.stream, "relay is the leader");
+        tracing::info!(stream = %self.config.stream, "relay publishing");
         let stream = self.ensure_stream().await?;
         let (mut cursor, mut already_in_stream) = self.reconcile(&mut conn, stream).await?;
         // Published but not yet stored: the position is written at most every

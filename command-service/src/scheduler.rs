@@ -76,20 +76,7 @@ impl Scheduler {
     }
 
     async fn lead(&self) -> anyhow::Result<()> {
-        let mut conn = self.pool.acquire().await?.detach();
-        let mut standing_by = false;
-        while !sqlx::query_scalar::<_, bool>("SELECT pg_try_advisory_lock($1)")
-            .bind(LEADER_LOCK)
-            .fetch_one(&mut conn)
-            .await?
-        {
-            if !standing_by {
-                tracing::info!("another scheduler holds the lock; standing by");
-                standing_by = true;
-            }
-            tokio::time::sleep(Duration::from_secs(1)).await;
-        }
-        tracing::info!("scheduler is the leader");
+        let mut conn = crate::leader::acquire(&self.pool, LEADER_LOCK, "scheduler").await?;
         let policy = self.config.policy;
         let mut state = FleetState::default();
         let mut cursor = Cursor::default();
