@@ -199,6 +199,21 @@ pub async fn execute(
         }
     };
 
+    // Before the process exists: the run failed (nothing ran, no utilisation); finish it.
+    let fail_before_start = async |reason: String, retryable: bool| {
+        let failure = Failure {
+            exit_code: None,
+            signal: None,
+            reason,
+            retryable,
+        };
+        refused_or_log(
+            "failed",
+            client.failed(job_id, run_id, &failure, None).await,
+        );
+        done(&shared);
+    };
+
     // A cancel may already have arrived (the cancel consumer runs beside the assignments').
     if shared.cancelled.lock().unwrap().contains(&run_id) {
         tracing::info!(%job_id, %run_id, "run was cancelled before it started");
@@ -210,35 +225,17 @@ pub async fn execute(
         Ok(spec) => spec,
         Err(error) => {
             tracing::error!(%job_id, %run_id, %error, "cannot read the job's spec");
-            let failure = Failure {
-                exit_code: None,
-                signal: None,
-                reason: format!("executor could not read the job's spec: {error}"),
-                retryable: true,
-            };
-            refused_or_log(
-                "failed",
-                client.failed(job_id, run_id, &failure, None).await,
-            );
-            done(&shared);
+            let reason = format!("executor could not read the job's spec: {error}");
+            fail_before_start(reason, true).await;
             return;
         }
     };
     if gpu_indexes.len() != record.gpu_uuids.len() {
-        let failure = Failure {
-            exit_code: None,
-            signal: None,
-            reason: format!(
-                "executor {} has not all of the GPUs {:?}",
-                shared.config.executor_id, record.gpu_uuids
-            ),
-            retryable: true,
-        };
-        refused_or_log(
-            "failed",
-            client.failed(job_id, run_id, &failure, None).await,
+        let reason = format!(
+            "executor {} has not all of the GPUs {:?}",
+            shared.config.executor_id, record.gpu_uuids
         );
-        done(&shared);
+        fail_before_start(reason, true).await;
         return;
     }
 
@@ -249,17 +246,7 @@ pub async fn execute(
         .collect::<Vec<_>>()
         .join(",");
     let Some((program, args)) = spec.command.split_first() else {
-        let failure = Failure {
-            exit_code: None,
-            signal: None,
-            reason: "the job has an empty command".into(),
-            retryable: false,
-        };
-        refused_or_log(
-            "failed",
-            client.failed(job_id, run_id, &failure, None).await,
-        );
-        done(&shared);
+        fail_before_start("the job has an empty command".into(), false).await;
         return;
     };
     let mut command = tokio::process::Command::new(program);
@@ -285,17 +272,7 @@ pub async fn execute(
         Ok(child) => child,
         Err(error) => {
             tracing::warn!(%job_id, %run_id, %program, %error, "cannot start the workload");
-            let failure = Failure {
-                exit_code: None,
-                signal: None,
-                reason: format!("cannot start {program:?}: {error}"),
-                retryable: false,
-            };
-            refused_or_log(
-                "failed",
-                client.failed(job_id, run_id, &failure, None).await,
-            );
-            done(&shared);
+            fail_before_start(format!("cannot start {program:?}: {error}"), false).await;
             return;
         }
     };
