@@ -21,26 +21,7 @@ pub struct GpuInfo {
     pub pci_bus_id: String,
 }
 
-/// One telemetry sample of one GPU. Fields a backend cannot read are `None`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct GpuSample {
-    pub index: u32,
-    pub uuid: String,
-    /// 0..=1: fraction of the last sample period a kernel was running.
-    pub utilisation: f64,
-    /// 0..=1: fraction of the period device memory was read or written.
-    pub memory_utilisation: Option<f64>,
-    pub memory_used_mb: u64,
-    pub memory_total_mb: u64,
-    pub temperature_c: Option<u32>,
-    pub power_w: Option<f64>,
-    pub sm_clock_mhz: Option<u32>,
-    pub memory_clock_mhz: Option<u32>,
-    /// Uncorrected ECC errors since the driver loaded (volatile counter), where ECC is on.
-    pub ecc_uncorrected: Option<u64>,
-    /// `ok`, or why the GPU looks unhealthy (e.g. uncorrected ECC errors).
-    pub health: String,
-}
+pub use overfly_schemas::wire::GpuSample;
 
 #[derive(Debug, thiserror::Error)]
 pub enum GpuError {

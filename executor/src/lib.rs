@@ -32,7 +32,7 @@ pub mod config;
 pub mod gpu;
 pub mod progress;
 pub mod run;
-pub mod wire;
+pub use overfly_schemas::wire;
 
 use gpu::{GpuBackend, GpuError};
 

@@ -60,21 +60,49 @@ pub struct QueryApi {
     /// The scheduler's policy, for `explain`.
     pub policy: overfly_domain::scheduler::Policy,
     /// The live feeds' shared subscription; `None` without NATS (feeds answer 503).
-    pub feeds: Option<crate::feeds::Hub>,
+    pub feeds: Option<crate::feeds::Feeds>,
 }
 
-/// One SSE message of a feed: `event:` is the event type (or `reset`), `id:` the JetStream
-/// stream sequence (pass the last one seen as `Last-Event-ID` to resume).
+/// What `GET /stream` and `GET /jobs/{id}/events` send. The SSE `event:` says which: the
+/// event type, or `reset`; `id:` is the JetStream stream sequence (pass the last one seen as
+/// `Last-Event-ID` to resume).
 #[derive(Debug, Clone, Union)]
-#[oai(discriminator_name = "kind")]
 pub enum FeedMessage {
-    Event(crate::feeds::FeedEvent),
+    Event(crate::feeds::events::FeedEvent),
     /// The client read too slowly and fell behind the server's bounded buffer: resume after
     /// `resume_after`. The connection closes after it.
     Reset(crate::feeds::Reset),
 }
 
-type Feed = EventStream<futures::stream::BoxStream<'static, FeedMessage>>;
+/// What `GET /jobs/{id}/logs` sends: `event: log` (one batch of consecutive lines of one
+/// run), `event: end` (the job is finished; no `id:`; the connection closes), or `reset`.
+#[derive(Debug, Clone, Union)]
+pub enum LogFeedMessage {
+    Log(overfly_schemas::wire::LogBatch),
+    End(crate::feeds::logs::LogEnd),
+    Reset(crate::feeds::Reset),
+}
+
+/// What the telemetry feeds send: `event: sample` (one GPU's sample), or `reset`.
+// Only describes the feed in the OpenAPI document (the bytes are rendered by the fan-out).
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug, Clone, Union)]
+pub enum TelemetryFeedMessage {
+    Sample(overfly_schemas::wire::TelemetrySample),
+    Reset(crate::feeds::Reset),
+}
+
+type Feed<U> = EventStream<futures::stream::BoxStream<'static, crate::feeds::Rendered<U>>>;
+
+/// A feed's frames as an SSE response, with keep-alive comments.
+fn sse<U: poem_openapi::types::Type + 'static>(
+    frames: impl futures::Stream<Item = crate::feeds::Frame> + Send + 'static,
+) -> Feed<U> {
+    let rendered = futures::StreamExt::map(frames, crate::feeds::Rendered::new);
+    EventStream::new(futures::StreamExt::boxed(rendered))
+        .keep_alive(crate::feeds::KEEP_ALIVE)
+        .to_event(|message| message.0.to_sse())
+}
 
 fn bad(param: &str, detail: impl Into<String>) -> ApiError {
     ApiError::bad_request(detail, Some(param.to_string()))
@@ -522,8 +550,8 @@ impl QueryApi {
         /// The `id:` of the last message received: the feed resumes right after it.
         #[oai(name = "Last-Event-ID")]
         last_event_id: Header<Option<String>>,
-    ) -> Result<Feed, ApiError> {
-        let filter = crate::feeds::Filter {
+    ) -> Result<Feed<FeedMessage>, ApiError> {
+        let filter = crate::feeds::events::Filter {
             aggregate_type: token("aggregate_type", aggregate_type.0)?,
             aggregate_id: token("aggregate_id", aggregate_id.0)?,
             event_type: token("event_type", event_type.0)?,
@@ -542,9 +570,9 @@ impl QueryApi {
         /// The `id:` of the last message received: the feed resumes right after it.
         #[oai(name = "Last-Event-ID")]
         last_event_id: Header<Option<String>>,
-    ) -> Result<Feed, ApiError> {
+    ) -> Result<Feed<FeedMessage>, ApiError> {
         let job_id = uuid_param("job_id", &job_id)?;
-        let filter = crate::feeds::Filter {
+        let filter = crate::feeds::events::Filter {
             aggregate_type: Some("job".into()),
             aggregate_id: Some(job_id.to_string()),
             event_type: None,
@@ -552,6 +580,100 @@ impl QueryApi {
         };
         let after = last_event_id_param(last_event_id.0.as_deref())?.or(Some(0));
         self.feed(filter, after).await
+    }
+
+    /// A job's log lines as Server-Sent Events, in the order each run printed them: the
+    /// backlog (the last `tail` lines with `tail`), then with `follow=true` live until the job
+    /// is finished, when a final `end` message closes the feed (also sent without `follow`
+    /// when the job is already finished). Reconnect with `Last-Event-ID` to resume.
+    #[oai(path = "/jobs/:job_id/logs", method = "get", tag = "Tag::Feeds")]
+    async fn job_logs(
+        &self,
+        job_id: Path<String>,
+        /// Keep the feed open for new lines until the job is finished (default false).
+        follow: Query<Option<bool>>,
+        /// Only the last N lines of the backlog (at most 100000).
+        tail: Query<Option<u64>>,
+        /// Only this run's lines.
+        run_id: Query<Option<String>>,
+        /// The `id:` of the last message received: the feed resumes right after it (`tail`
+        /// is then ignored).
+        #[oai(name = "Last-Event-ID")]
+        last_event_id: Header<Option<String>>,
+    ) -> Result<Feed<LogFeedMessage>, ApiError> {
+        const MAX_TAIL: u64 = 100_000;
+        let job_id = uuid_param("job_id", &job_id)?;
+        let run_id = run_id.0.map(|run| uuid_param("run_id", &run)).transpose()?;
+        let tail = match tail.0 {
+            Some(tail) if tail > MAX_TAIL => {
+                return Err(bad("tail", format!("at most {MAX_TAIL} lines, got {tail}")));
+            }
+            other => other.map(|t| t as usize),
+        };
+        let after = last_event_id_param(last_event_id.0.as_deref())?;
+        let feeds = self.feeds()?;
+        let request = crate::feeds::logs::Request {
+            job_id,
+            run_id,
+            follow: follow.0.unwrap_or(false),
+            tail,
+            after,
+        };
+        match crate::feeds::logs::feed(&feeds.logs, &feeds.events, self.pool.clone(), request).await
+        {
+            Ok(Some(frames)) => Ok(sse(frames)),
+            Ok(None) => Err(ApiError::not_found(format!("job {job_id} not found"))),
+            Err(error) => Err(ApiError::unavailable(format!(
+                "the log feed is unavailable: {error}"
+            ))),
+        }
+    }
+
+    /// Every GPU's telemetry samples, live, as Server-Sent Events (optionally one
+    /// executor's). Reconnect with `Last-Event-ID` to resume (samples are kept one hour).
+    #[oai(path = "/gpus/stream", method = "get", tag = "Tag::Feeds")]
+    async fn gpus_stream(
+        &self,
+        /// Only this executor's GPUs.
+        executor_id: Query<Option<String>>,
+        /// The `id:` of the last message received: the feed resumes right after it.
+        #[oai(name = "Last-Event-ID")]
+        last_event_id: Header<Option<String>>,
+    ) -> Result<Feed<TelemetryFeedMessage>, ApiError> {
+        let executor_id = token("executor_id", executor_id.0)?;
+        let after = last_event_id_param(last_event_id.0.as_deref())?;
+        self.telemetry(executor_id, after).await
+    }
+
+    /// One executor's GPU telemetry samples, live, as Server-Sent Events. Reconnect with
+    /// `Last-Event-ID` to resume (samples are kept one hour).
+    #[oai(
+        path = "/executors/:executor_id/telemetry",
+        method = "get",
+        tag = "Tag::Feeds"
+    )]
+    async fn executor_telemetry(
+        &self,
+        executor_id: Path<String>,
+        /// The `id:` of the last message received: the feed resumes right after it.
+        #[oai(name = "Last-Event-ID")]
+        last_event_id: Header<Option<String>>,
+    ) -> Result<Feed<TelemetryFeedMessage>, ApiError> {
+        let executor_id = token("executor_id", Some(executor_id.0))?.unwrap_or_default();
+        let after = last_event_id_param(last_event_id.0.as_deref())?;
+        let known: bool = sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM events WHERE aggregate_type = 'executor' AND aggregate_id = $1)",
+        )
+        .bind(&executor_id)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(store_error)?;
+        if !known {
+            return Err(ApiError::not_found(format!(
+                "executor {executor_id} not found"
+            )));
+        }
+        self.telemetry(Some(executor_id), after).await
     }
 
     /// Every event of a job, in order, with who, when, why and its trace.
@@ -610,45 +732,50 @@ impl QueryApi {
 }
 
 impl QueryApi {
+    fn feeds(&self) -> Result<&crate::feeds::Feeds, ApiError> {
+        self.feeds
+            .as_ref()
+            .ok_or_else(|| ApiError::unavailable("live feeds need NATS (none is configured)"))
+    }
+
     async fn feed(
         &self,
-        filter: crate::feeds::Filter,
+        filter: crate::feeds::events::Filter,
         after: Option<u64>,
-    ) -> Result<Feed, ApiError> {
-        let hub = self
-            .feeds
-            .as_ref()
-            .ok_or_else(|| ApiError::unavailable("live feeds need NATS (none is configured)"))?;
+    ) -> Result<Feed<FeedMessage>, ApiError> {
+        let feeds = self.feeds()?;
         // Without Last-Event-ID: what comes after this instant, fixed now.
         let after = match after {
             Some(after) => after,
-            None => hub.now().await.map_err(|e| {
+            None => feeds.events.now().await.map_err(|e| {
                 ApiError::unavailable(format!("the event stream is unavailable: {e}"))
             })?,
         };
-        let after = Some(after);
-        let stream = futures::StreamExt::map(hub.feed(filter, after), |item| match item {
-            crate::feeds::Item::Event(event) => FeedMessage::Event((*event).clone()),
-            crate::feeds::Item::Reset { after } => FeedMessage::Reset(crate::feeds::Reset {
-                resume_after: after,
-                reason: "the client read too slowly and fell behind the server's buffer".into(),
-            }),
-        });
-        Ok(EventStream::new(futures::StreamExt::boxed(stream))
-            .keep_alive(crate::feeds::KEEP_ALIVE)
-            .to_event(|message| match &message {
-                FeedMessage::Event(event) => poem::web::sse::Event::message(
-                    poem_openapi::types::ToJSON::to_json_string(event),
-                )
-                .event_type(event.event_type.clone())
-                .id(event.stream_sequence.to_string()),
-                FeedMessage::Reset(reset) => poem::web::sse::Event::message(
-                    serde_json::json!({"resume_after": reset.resume_after, "reason": reset.reason})
-                        .to_string(),
-                )
-                .event_type("reset")
-                .id(reset.resume_after.to_string()),
-            }))
+        Ok(sse(crate::feeds::events::feed(
+            &feeds.events,
+            self.pool.clone(),
+            filter,
+            after,
+        )))
+    }
+
+    async fn telemetry(
+        &self,
+        executor_id: Option<String>,
+        after: Option<u64>,
+    ) -> Result<Feed<TelemetryFeedMessage>, ApiError> {
+        let feeds = self.feeds()?;
+        let after = match after {
+            Some(after) => after,
+            None => feeds.telemetry.now().await.map_err(|e| {
+                ApiError::unavailable(format!("the telemetry stream is unavailable: {e}"))
+            })?,
+        };
+        Ok(sse(crate::feeds::telemetry::feed(
+            &feeds.telemetry,
+            executor_id,
+            after,
+        )))
     }
 
     async fn history(

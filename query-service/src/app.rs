@@ -53,13 +53,8 @@ impl Application {
         let bound = overfly_http::server::bind(config.addr).await?;
         let (closing, closed) = tokio::sync::watch::channel(false);
         let nats = overfly_infra::nats::connect(&config.nats.nats_url, "overfly-query").await?;
-        let feeds = crate::feeds::Hub::start(
-            pool.clone(),
-            nats,
-            config.stream.clone(),
-            config.feed_buffer,
-            closed,
-        );
+        let feeds =
+            crate::feeds::Feeds::start(nats, config.stream.clone(), config.feed_buffer, closed);
         let api = QueryApi {
             pool,
             read_your_writes_wait: config.read_your_writes_wait(),

@@ -8,5 +8,6 @@
 mod envelope;
 pub mod json_schema;
 pub mod subjects;
+pub mod wire;
 
 pub use envelope::EventEnvelope;
