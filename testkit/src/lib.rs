@@ -11,6 +11,8 @@ use std::time::Duration;
 
 use sqlx::PgPool;
 
+pub mod sse;
+
 pub fn admin_url() -> String {
     std::env::var("DATABASE_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/overfly".to_string())

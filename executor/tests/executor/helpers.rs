@@ -148,6 +148,11 @@ impl Drop for ExecutorProcess {
 }
 
 impl Harness {
+    /// The test database's URL.
+    pub fn db_url(&self) -> String {
+        self._db.url.clone()
+    }
+
     pub fn work_dir(&self, executor_id: &str) -> PathBuf {
         self.dir.join(executor_id)
     }

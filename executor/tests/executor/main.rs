@@ -2,6 +2,7 @@
 //! service, the real `overfly-executor` binary and real workload processes (`overfly-tiles`).
 
 mod cli;
+mod feeds;
 mod helpers;
 mod lifecycle;
 mod runs;

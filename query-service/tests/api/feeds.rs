@@ -7,87 +7,24 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
+use overfly_testkit::sse::Sse;
+
 use crate::helpers::{Stack, job_body, spawn_stack, spawn_stack_full};
 
-/// One SSE message.
-#[derive(Debug, Clone)]
-struct Message {
-    id: Option<String>,
-    event: Option<String>,
-    data: String,
-}
-
-/// A minimal SSE client over a streaming HTTP response.
-struct Sse {
-    response: reqwest::Response,
-    buffer: String,
-}
-
-impl Sse {
-    async fn connect(stack: &Stack, path: &str, last_event_id: Option<&str>) -> Self {
-        let mut request = stack.http.get(format!("http://{}{path}", stack.query));
-        if let Some(id) = last_event_id {
-            request = request.header("Last-Event-ID", id);
-        }
-        let response = request.send().await.unwrap();
-        assert_eq!(response.status(), 200, "{path}");
-        assert!(
-            response.headers()["content-type"]
-                .to_str()
-                .unwrap()
-                .starts_with("text/event-stream")
-        );
-        Self {
-            response,
-            buffer: String::new(),
-        }
-    }
-
-    /// The next message (comments skipped); `None` when the server closed the stream or
-    /// nothing came within `wait`.
-    async fn next(&mut self, wait: Duration) -> Option<Message> {
-        loop {
-            if let Some(end) = self.buffer.find("\n\n") {
-                let block: String = self.buffer.drain(..end + 2).collect();
-                let mut message = Message {
-                    id: None,
-                    event: None,
-                    data: String::new(),
-                };
-                let mut any = false;
-                for line in block.lines() {
-                    if let Some(v) = line.strip_prefix("id:") {
-                        message.id = Some(v.trim().to_string());
-                        any = true;
-                    } else if let Some(v) = line.strip_prefix("event:") {
-                        message.event = Some(v.trim().to_string());
-                        any = true;
-                    } else if let Some(v) = line.strip_prefix("data:") {
-                        message.data.push_str(v.trim_start());
-                        any = true;
-                    }
-                }
-                if any {
-                    return Some(message);
-                }
-                continue;
-            }
-            match tokio::time::timeout(wait, self.response.chunk()).await {
-                Ok(Ok(Some(chunk))) => self.buffer.push_str(&String::from_utf8_lossy(&chunk)),
-                _ => return None,
-            }
-        }
-    }
+/// A feed of the stack's query service.
+async fn connect(stack: &Stack, path: &str, last_event_id: Option<&str>) -> Sse {
+    Sse::connect(
+        &stack.http,
+        &format!("http://{}{path}", stack.query),
+        last_event_id,
+    )
+    .await
 }
 
 async fn command(stack: &Stack, path: &str, body: Value) -> i64 {
     let (status, answer) = stack.command(path, &body).await;
     assert!((200..300).contains(&status), "{path}: {status} {answer}");
     answer["position"].as_i64().unwrap()
-}
-
-fn seq(message: &Message) -> u64 {
-    message.id.as_deref().unwrap().parse().unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -103,7 +40,7 @@ async fn a_client_sees_a_jobs_whole_lifecycle_in_order_live() {
     .await;
     let (job, _) = stack.submit(&job_body(0)).await;
     // Connected after the submit: the history comes first, then live.
-    let mut feed = Sse::connect(&stack, &format!("/jobs/{job}/events"), None).await;
+    let mut feed = connect(&stack, &format!("/jobs/{job}/events"), None).await;
     let first = feed.next(Duration::from_secs(10)).await.unwrap();
     assert_eq!(first.event.as_deref(), Some("JobSubmitted"));
     let run = uuid::Uuid::new_v4().to_string();
@@ -153,15 +90,19 @@ async fn a_client_sees_a_jobs_whole_lifecycle_in_order_live() {
         let data: Value = serde_json::from_str(&message.data).unwrap();
         assert_eq!(data["aggregate_id"], job.as_str());
         assert_eq!(data["sequence"], n as i64 + 1);
-        assert_eq!(data["stream_sequence"].as_u64(), Some(seq(message)));
+        assert_eq!(data["stream_sequence"].as_u64(), Some(message.sequence()));
     }
-    assert!(messages.windows(2).all(|w| seq(&w[0]) < seq(&w[1])));
+    assert!(
+        messages
+            .windows(2)
+            .all(|w| w[0].sequence() < w[1].sequence())
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn reconnecting_with_last_event_id_gets_exactly_what_was_missed() {
     let stack = spawn_stack().await;
-    let mut feed = Sse::connect(&stack, "/stream?aggregate_type=job", None).await;
+    let mut feed = connect(&stack, "/stream?aggregate_type=job", None).await;
     for n in 0..10 {
         stack.submit(&job_body(n)).await;
     }
@@ -174,7 +115,7 @@ async fn reconnecting_with_last_event_id_gets_exactly_what_was_missed() {
         stack.submit(&job_body(n)).await;
     }
     let last = seen.last().unwrap().id.clone().unwrap();
-    let mut feed = Sse::connect(&stack, "/stream?aggregate_type=job", Some(&last)).await;
+    let mut feed = connect(&stack, "/stream?aggregate_type=job", Some(&last)).await;
     while seen.len() < 20 {
         seen.push(
             feed.next(Duration::from_secs(10))
@@ -184,7 +125,10 @@ async fn reconnecting_with_last_event_id_gets_exactly_what_was_missed() {
     }
     // Nothing more than the 20 submits.
     assert!(feed.next(Duration::from_millis(500)).await.is_none());
-    let ids: Vec<u64> = seen.iter().map(seq).collect();
+    let ids: Vec<u64> = seen
+        .iter()
+        .map(overfly_testkit::sse::Message::sequence)
+        .collect();
     let distinct: BTreeSet<u64> = ids.iter().copied().collect();
     assert_eq!(distinct.len(), 20, "duplicates: {ids:?}");
     assert!(ids.windows(2).all(|w| w[0] < w[1]), "out of order: {ids:?}");
@@ -210,7 +154,7 @@ async fn reconnecting_with_last_event_id_gets_exactly_what_was_missed() {
 async fn a_client_that_reads_nothing_is_reset_and_told_where_to_resume() {
     // A 64-event buffer: the client falls behind quickly.
     let stack = spawn_stack_full(10_000, 64).await;
-    let mut feed = Sse::connect(&stack, "/stream", None).await;
+    let mut feed = connect(&stack, "/stream", None).await;
     // Read nothing while 3,000 events pass.
     let mut tasks = Vec::new();
     for worker in 0..8 {
@@ -261,7 +205,7 @@ async fn two_hundred_clients_on_one_filter_each_get_every_event() {
     let stack = spawn_stack().await;
     let mut clients = Vec::new();
     for _ in 0..200 {
-        clients.push(Sse::connect(&stack, "/stream?event_type=JobSubmitted", None).await);
+        clients.push(connect(&stack, "/stream?event_type=JobSubmitted", None).await);
     }
     let mut jobs = BTreeSet::new();
     for n in 0..20 {
@@ -299,7 +243,7 @@ async fn the_account_filter_keeps_that_accounts_job_events_only() {
     stack.submit(&job_body(1)).await;
     // Known to the read model before the client connects: found there, not in the feed.
     stack.wait_for_jobs(2).await;
-    let mut feed = Sse::connect(&stack, "/stream?account=geo-team", None).await;
+    let mut feed = connect(&stack, "/stream?account=geo-team", None).await;
     let (geo, _) = stack.submit(&job_body(3)).await;
     stack.submit(&job_body(4)).await;
     command(
