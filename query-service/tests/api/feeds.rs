@@ -5,6 +5,7 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
+use clap::Parser;
 use serde_json::{Value, json};
 
 use overfly_testkit::sse::Sse;
@@ -278,4 +279,152 @@ async fn the_account_filter_keeps_that_accounts_job_events_only() {
     let (status, _, problem) = stack.query("/stream?account=a.b").await;
     assert_eq!(status, 400);
     assert_eq!(problem["field"], "account");
+}
+
+/// Test 3 at full size, memory measured: the query service runs as its own process (so its
+/// memory is its own) while a client that reads nothing sits on `/stream` and 100,000 events
+/// pass through the event store, the relay and JetStream. Its peak RSS stays within a bound
+/// far below what buffering them for that client would take, and the client, once it reads,
+/// gets what was queued for it, a `reset` naming where to resume, and the end of the stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_client_that_reads_nothing_while_100k_events_pass_leaves_memory_bounded() {
+    const EVENTS: i64 = 100_000;
+    let db = overfly_testkit::TestDb::create().await;
+    let nats = overfly_testkit::TestNats::start().await;
+    let command_cli = overfly_command_service::config::Cli::parse_from([
+        "overfly-command",
+        "--database-url",
+        &db.url,
+        "--nats-url",
+        &nats.url(),
+        "--addr",
+        "127.0.0.1:0",
+        "--scheduler-enabled",
+        "false",
+    ]);
+    let command_app = overfly_command_service::app::Application::build(&command_cli.config)
+        .await
+        .unwrap();
+    let command = command_app.local_addr();
+    let command_task = tokio::spawn(command_app.run_until(std::future::pending()));
+    let port = overfly_testkit::free_port();
+    let query = std::process::Command::new(env!("CARGO_BIN_EXE_overfly-query"))
+        .args(["--database-url", &db.url, "--nats-url", &nats.url()])
+        .args([
+            "--addr",
+            &format!("127.0.0.1:{port}"),
+            "--feed-buffer",
+            "1024",
+        ])
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let query = KillOnDrop(query);
+    let http = reqwest::Client::new();
+    let base = format!("http://127.0.0.1:{port}");
+    let mut ready = false;
+    for _ in 0..300 {
+        if let Ok(response) = http.get(format!("{base}/readyz")).send().await {
+            ready = response.status() == 200;
+            if ready {
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(ready, "the query service came up");
+    let memory = |field: &str| -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", query.0.id())).unwrap();
+        let line = status
+            .lines()
+            .find(|l| l.starts_with(field))
+            .unwrap_or_else(|| panic!("{field} in /proc/pid/status"));
+        line.split_whitespace().nth(1).unwrap().parse().unwrap()
+    };
+
+    // One real JobSubmitted through the API, as the template of 100,000 more written straight
+    // into the event store (one statement; each a new job), which the relay then publishes.
+    let submitted = http
+        .post(format!("http://{command}/jobs"))
+        .json(&crate::helpers::job_body(0))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(submitted.status(), 201);
+    let mut slow = Sse::connect(&http, &format!("{base}/stream"), None).await;
+    let mut fast = Sse::connect(&http, &format!("{base}/stream"), None).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let baseline_kib = memory("VmRSS:");
+    let pool = sqlx::PgPool::connect(&db.url).await.unwrap();
+    sqlx::query(
+        "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata)
+         SELECT 'job', gen_random_uuid()::text, 1, e.event_type, e.event_version, e.payload, e.metadata
+           FROM events e, generate_series(1, $1)
+          WHERE e.aggregate_type = 'job' AND e.event_type = 'JobSubmitted'",
+    )
+    .bind(EVENTS)
+    .execute(&pool)
+    .await
+    .unwrap();
+
+    // The fast client gets every one of them, once, in order: they all went through the feed.
+    let mut received = 0i64;
+    let mut last = 0;
+    while received < EVENTS {
+        let message = fast
+            .next(Duration::from_secs(60))
+            .await
+            .unwrap_or_else(|| panic!("the fast client stalled after {received} events"));
+        assert_eq!(message.event.as_deref(), Some("JobSubmitted"));
+        assert!(message.sequence() > last);
+        last = message.sequence();
+        received += 1;
+    }
+    drop(fast);
+    let peak_kib = memory("VmHWM:");
+    let growth_mib = peak_kib.saturating_sub(baseline_kib) as f64 / 1024.0;
+    eprintln!(
+        "query service: RSS {baseline_kib} KiB before, peak {peak_kib} KiB while {EVENTS} events passed (+{growth_mib:.1} MiB)"
+    );
+    // Holding the events for the slow client would take over 100 MiB (each is ~1 KiB as
+    // JSON, twice: decoded and rendered); the ring holds 1,024 and the connection 64.
+    assert!(
+        growth_mib < 48.0,
+        "peak RSS grew by {growth_mib:.1} MiB while a client read nothing"
+    );
+
+    // The slow client: what was queued for it, then `reset` with where to resume, then the end.
+    let mut before_reset = Vec::new();
+    let reset = loop {
+        let message = slow
+            .next(Duration::from_secs(30))
+            .await
+            .expect("the slow client gets a reset");
+        if message.event.as_deref() == Some("reset") {
+            break message;
+        }
+        before_reset.push(message.sequence());
+    };
+    let resume_after = reset.json()["resume_after"].as_u64().unwrap();
+    if let Some(&got) = before_reset.last() {
+        assert_eq!(got, resume_after, "it resumes right after what it got");
+    }
+    assert!(
+        (before_reset.len() as i64) < EVENTS / 10,
+        "it was cut off: {} events queued for it",
+        before_reset.len()
+    );
+    assert!(slow.next(Duration::from_secs(10)).await.is_none());
+    command_task.abort();
+}
+
+/// A child process killed when the test ends, pass or fail.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
