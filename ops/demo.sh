@@ -337,6 +337,17 @@ while :; do
   sleep 3
 done
 
+# ---------------------------------------------------------- live feeds (SSE)
+if [ -n "${JOB[tiles]:-}" ]; then
+  step "log feed: the last 4 lines of tiles-eu-west, then its end (GET /jobs/{id}/logs?tail=4&follow=true)"
+  out="$(curl -sSN --max-time 10 "$QUERY_URL/jobs/${JOB[tiles]}/logs?tail=4&follow=true" 2>&1)" || true
+  printf '%s\n' "$out" | grep -E '^(id|event):|"line"' | sed -E 's/.*"line":"([^"]*)".*/      \1/; s/^/    /' | head -n 20
+  if printf '%s\n' "$out" | grep -q '^event: *end'; then ok "the feed ended with event: end (the job is finished)"; else fail "no end event in the log feed"; fi
+fi
+step "telemetry feed: gpu-host-1's GPUs live for 2 s (GET /executors/gpu-host-1/telemetry)"
+samples="$(curl -sSN --max-time 2 "$QUERY_URL/executors/gpu-host-1/telemetry" 2>/dev/null | grep -c '^event: *sample' || true)"
+if [ "${samples:-0}" -gt 0 ]; then ok "$samples samples in 2 s"; else fail "no telemetry samples from gpu-host-1"; fi
+
 # ---------------------------------------------------------- where to look
 step "the last events in the event store"
 if have psql; then
@@ -387,6 +398,7 @@ say "  command API docs       $URL/docs"
 say "  query API docs         $QUERY_URL/docs   (GET /jobs, /jobs/{id}?as_of=…, /jobs/{id}/explain, /jobs/{id}/history, leaderboards)"
 say "  executor logs          $OVERFLY_STATE_DIR/executor-1.log, executor-2.log (run dirs in $OVERFLY_STATE_DIR/work)"
 say "  live events (SSE)      curl -N $QUERY_URL/stream   (or /jobs/<id>/events; add -H 'Last-Event-ID: <id>' to resume)"
+say "  live logs, telemetry   curl -N '$QUERY_URL/jobs/<id>/logs?follow=true&tail=20'   curl -N $QUERY_URL/gpus/stream"
 say "  OpenAPI document       $URL/openapi.json"
 say "  service log            $LOG_FILE"
 say "  events                 psql \"$DATABASE_URL\" -c 'select * from events order by global_position desc limit 15'"
