@@ -336,8 +336,12 @@ impl<M: Message> Fanout<M> {
         if end <= after {
             return Ok(CatchUp::empty(after));
         }
+        // Named, so that it is deleted as soon as the connection is done with it (the server
+        // would drop an idle ordered consumer only after 30 s).
+        let name = format!("overfly-feed-{}", uuid::Uuid::new_v4().simple());
         let mut consumer = stream
             .create_consumer(consumer::pull::OrderedConfig {
+                name: Some(name.clone()),
                 deliver_policy: consumer::DeliverPolicy::ByStartSequence {
                     start_sequence: after + 1,
                 },
@@ -345,15 +349,12 @@ impl<M: Message> Fanout<M> {
                 ..Default::default()
             })
             .await?;
-        if consumer.info().await?.num_pending == 0 {
-            // Nothing stored matches: covered up to the end as it is now.
-            return Ok(CatchUp::empty(end));
+        let mut catch_up = CatchUp::empty(end);
+        catch_up.consumer = Some((stream, name));
+        if consumer.info().await?.num_pending > 0 {
+            catch_up.messages = Some(consumer.messages().await?);
         }
-        Ok(CatchUp {
-            messages: Some(consumer.messages().await?),
-            end,
-            _message: PhantomData,
-        })
+        Ok(catch_up)
     }
 }
 
@@ -400,14 +401,30 @@ impl<M> Live<M> {
 /// A connection's catch-up: an ephemeral ordered consumer, deleted when dropped.
 pub struct CatchUp<M> {
     messages: Option<consumer::pull::Ordered>,
+    /// The consumer to delete when done.
+    consumer: Option<(jetstream::stream::Stream, String)>,
     end: u64,
     _message: PhantomData<fn() -> M>,
+}
+
+impl<M> Drop for CatchUp<M> {
+    fn drop(&mut self) {
+        self.messages = None;
+        if let Some((stream, name)) = self.consumer.take() {
+            tokio::spawn(async move {
+                if let Err(error) = stream.delete_consumer(&name).await {
+                    tracing::debug!(%error, consumer = %name, "deleting a feed's catch-up consumer failed; the server drops it when idle");
+                }
+            });
+        }
+    }
 }
 
 impl<M: Message> CatchUp<M> {
     fn empty(end: u64) -> Self {
         Self {
             messages: None,
+            consumer: None,
             end,
             _message: PhantomData,
         }

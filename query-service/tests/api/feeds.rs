@@ -138,6 +138,21 @@ async fn reconnecting_with_last_event_id_gets_exactly_what_was_missed() {
         .map(|m| serde_json::from_str::<Value>(&m.data).unwrap()["aggregate_id"].to_string())
         .collect();
     assert_eq!(jobs.len(), 20);
+
+    // The resume's catch-up consumer is gone once the feed caught up: deleted by the service,
+    // not left for the server's 30 s inactivity threshold. Left: the shared subscription and
+    // the three projections' durable consumers.
+    let js = async_nats::jetstream::new(async_nats::connect(stack.nats_url()).await.unwrap());
+    let mut stream = js.get_stream("OVERFLY_EVENTS").await.unwrap();
+    let mut consumers = 0;
+    for _ in 0..100 {
+        consumers = stream.info().await.unwrap().state.consumer_count;
+        if consumers <= 4 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(consumers, 4, "the catch-up consumer was not deleted");
     // A bad Last-Event-ID is a 400 naming it.
     let response = stack
         .http
