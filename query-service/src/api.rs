@@ -744,13 +744,6 @@ impl QueryApi {
         after: Option<u64>,
     ) -> Result<Feed<FeedMessage>, ApiError> {
         let feeds = self.feeds()?;
-        // Without Last-Event-ID: what comes after this instant, fixed now.
-        let after = match after {
-            Some(after) => after,
-            None => feeds.events.now().await.map_err(|e| {
-                ApiError::unavailable(format!("the event stream is unavailable: {e}"))
-            })?,
-        };
         Ok(sse(crate::feeds::events::feed(
             &feeds.events,
             self.pool.clone(),
@@ -765,12 +758,6 @@ impl QueryApi {
         after: Option<u64>,
     ) -> Result<Feed<TelemetryFeedMessage>, ApiError> {
         let feeds = self.feeds()?;
-        let after = match after {
-            Some(after) => after,
-            None => feeds.telemetry.now().await.map_err(|e| {
-                ApiError::unavailable(format!("the telemetry stream is unavailable: {e}"))
-            })?,
-        };
         Ok(sse(crate::feeds::telemetry::feed(
             &feeds.telemetry,
             executor_id,

@@ -148,12 +148,13 @@ impl Select<FeedEvent> for Selection {
     }
 }
 
-/// The events matching `filter` after stream sequence `after`: the stored ones first, then live.
+/// The events matching `filter` after stream sequence `after` (the stored ones first, then
+/// live), or from now on without it.
 pub fn feed(
     hub: &Hub,
     pool: sqlx::PgPool,
     filter: Filter,
-    after: u64,
+    after: Option<u64>,
 ) -> impl futures::Stream<Item = super::Frame> + Send + use<> {
     let subject = filter.subject();
     let selection = Selection {

@@ -24,6 +24,7 @@ pub mod telemetry;
 use std::borrow::Cow;
 use std::marker::PhantomData;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer};
@@ -178,6 +179,9 @@ pub struct Fanout<M> {
     /// The stream sequence after which the ring has every message (`None` until the shared
     /// subscription is up).
     covered_from: watch::Sender<Option<u64>>,
+    /// The last stream sequence the shared subscription handed to the ring (or, before
+    /// the first, where it started): where a live-only connection starts.
+    delivered: Arc<AtomicU64>,
     shutdown: watch::Receiver<bool>,
 }
 
@@ -189,6 +193,7 @@ impl<M> Clone for Fanout<M> {
             subjects: self.subjects.clone(),
             ring: self.ring.clone(),
             covered_from: self.covered_from.clone(),
+            delivered: self.delivered.clone(),
             shutdown: self.shutdown.clone(),
         }
     }
@@ -216,6 +221,7 @@ impl<M: Message> Fanout<M> {
             subjects: subjects.into(),
             ring,
             covered_from: watch::channel(None).0,
+            delivered: Arc::new(AtomicU64::new(0)),
             shutdown,
         };
         tokio::spawn(fanout.clone().follow());
@@ -279,6 +285,7 @@ impl<M: Message> Fanout<M> {
             .await?;
         let mut messages = consumer.messages().await?;
         *last = Some(from);
+        self.delivered.fetch_max(from, Ordering::AcqRel);
         self.covered(from);
         let mut shutdown = self.shutdown.clone();
         loop {
@@ -290,28 +297,21 @@ impl<M: Message> Fanout<M> {
                     match Entry::decode(&message) {
                         Ok(entry) => {
                             *last = Some(entry.sequence);
+                            let sequence = entry.sequence;
                             // No receiver is fine: nobody is listening.
                             let _ = self.ring.send(Arc::new(entry));
+                            self.delivered.store(sequence, Ordering::Release);
                         }
                         Err(error) => {
                             // Not ours to judge: skip what does not decode, keep the rest flowing.
                             let sequence = message.info().map(|i| i.stream_sequence).unwrap_or(0);
                             tracing::warn!(stream = %self.stream, sequence, %error, "undecodable message skipped by the feed");
                             *last = Some(sequence.max(last.unwrap_or(0)));
+                            self.delivered.fetch_max(sequence, Ordering::AcqRel);
                         }
                     }
                 }
             }
-        }
-    }
-
-    /// The stream's last sequence now (0 before the first message, or without the stream):
-    /// where a live feed without `Last-Event-ID` starts, fixed when the client connects.
-    pub async fn now(&self) -> anyhow::Result<u64> {
-        match self.jetstream.get_stream(&self.stream).await {
-            Ok(mut stream) => Ok(stream.info().await?.state.last_sequence),
-            Err(error) if stream_not_found(&error) => Ok(0),
-            Err(error) => Err(anyhow::anyhow!("{error}")),
         }
     }
 
@@ -482,11 +482,12 @@ pub trait Select<M>: Send + 'static {
 
 /// The common feed: the stored messages on `subject` after `after` (when given), then live
 /// from the ring, those `select` accepts, each once, in stream order; a `reset` if the
-/// client falls behind.
+/// client falls behind. Without `after` the feed starts at the present: what the shared
+/// subscription hands the ring after the connection subscribed (no JetStream request at all).
 pub fn feed<M: Message, S: Select<M>>(
     fanout: &Fanout<M>,
     subject: String,
-    after: u64,
+    after: Option<u64>,
     mut select: S,
 ) -> impl Stream<Item = Frame> + Send + use<M, S> {
     let mut live = fanout.subscribe();
@@ -495,22 +496,29 @@ pub fn feed<M: Message, S: Select<M>>(
         if !live.ready().await {
             return;
         }
-        let mut last = after;
-        let caught_up = async {
-            let mut catch_up = fanout.catch_up(subject, after).await?;
-            while let Some(entry) = catch_up.next().await? {
-                if select.accepts(&entry.message).await {
-                    tx.send(entry.frame.clone()).await?;
+        let mut last = match after {
+            // Read after subscribing: everything after it reaches this connection's receiver.
+            None => fanout.delivered.load(Ordering::Acquire),
+            Some(after) => {
+                let mut last = after;
+                let caught_up = async {
+                    let mut catch_up = fanout.catch_up(subject, after).await?;
+                    while let Some(entry) = catch_up.next().await? {
+                        if select.accepts(&entry.message).await {
+                            tx.send(entry.frame.clone()).await?;
+                        }
+                        last = last.max(entry.sequence);
+                    }
+                    last = last.max(catch_up.end());
+                    anyhow::Ok(())
+                };
+                if let Err(error) = caught_up.await {
+                    tracing::debug!(%error, "catching a feed up failed");
+                    return;
                 }
-                last = last.max(entry.sequence);
+                last
             }
-            last = last.max(catch_up.end());
-            anyhow::Ok(())
         };
-        if let Err(error) = caught_up.await {
-            tracing::debug!(%error, "catching a feed up failed");
-            return;
-        }
         forward_live(&mut live, &tx, &mut last, &mut select).await;
     })
 }

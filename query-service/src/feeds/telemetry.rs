@@ -36,11 +36,11 @@ impl Select<Sample> for Executor {
 }
 
 /// The samples of `executor_id`'s GPUs (every GPU's without one) after stream sequence
-/// `after`: the stored ones first, then live.
+/// `after` (the stored ones first, then live), or from now on without it.
 pub fn feed(
     hub: &TelemetryHub,
     executor_id: Option<String>,
-    after: u64,
+    after: Option<u64>,
 ) -> impl futures::Stream<Item = Frame> + Send + use<> {
     let subject = format!(
         "{}.{}.*",
