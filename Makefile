@@ -19,7 +19,7 @@ CARGO ?= cargo
 # with nextest also `ARGS='-E "test(relay)"'`).
 ARGS ?=
 
-.PHONY: help deps test lint fmt demo stop bench-append bench-read bench-schedule toolchain
+.PHONY: help deps test lint fmt demo stop bench-append bench-read bench-schedule bench-sse toolchain
 
 help: ## list the targets
 	@echo "Overfly - make targets:"
@@ -72,3 +72,7 @@ bench-read: toolchain deps ## read-side benchmark: catch-up, rebuild, queries, c
 bench-schedule: toolchain deps ## scheduling benchmark: jobs end to end on simulated GPUs vs. the bare write path (release)
 	$(CARGO) build --release -p overfly-command-service -p overfly-executor -p overfly-bench
 	@bash ops/bench/schedule $(ARGS)
+
+bench-sse: toolchain deps ## SSE feed benchmark: 1,000 and 10,000 clients vs. a bare fan-out (release)
+	$(CARGO) build --release -p overfly-command-service -p overfly-query-service -p overfly-bench
+	@bash ops/bench/sse $(ARGS)
