@@ -744,12 +744,10 @@ impl QueryApi {
         after: Option<u64>,
     ) -> Result<Feed<FeedMessage>, ApiError> {
         let feeds = self.feeds()?;
-        Ok(sse(crate::feeds::events::feed(
-            &feeds.events,
-            self.pool.clone(),
-            filter,
-            after,
-        )))
+        let frames = crate::feeds::events::feed(&feeds.events, self.pool.clone(), filter, after)
+            .await
+            .map_err(|e| ApiError::unavailable(format!("the event stream is unavailable: {e}")))?;
+        Ok(sse(frames))
     }
 
     async fn telemetry(
@@ -758,11 +756,12 @@ impl QueryApi {
         after: Option<u64>,
     ) -> Result<Feed<TelemetryFeedMessage>, ApiError> {
         let feeds = self.feeds()?;
-        Ok(sse(crate::feeds::telemetry::feed(
-            &feeds.telemetry,
-            executor_id,
-            after,
-        )))
+        let frames = crate::feeds::telemetry::feed(&feeds.telemetry, executor_id, after)
+            .await
+            .map_err(|e| {
+                ApiError::unavailable(format!("the telemetry stream is unavailable: {e}"))
+            })?;
+        Ok(sse(frames))
     }
 
     async fn history(

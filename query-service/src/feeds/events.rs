@@ -150,17 +150,17 @@ impl Select<FeedEvent> for Selection {
 
 /// The events matching `filter` after stream sequence `after` (the stored ones first, then
 /// live), or from now on without it.
-pub fn feed(
+pub async fn feed(
     hub: &Hub,
     pool: sqlx::PgPool,
     filter: Filter,
     after: Option<u64>,
-) -> impl futures::Stream<Item = super::Frame> + Send + use<> {
+) -> anyhow::Result<impl futures::Stream<Item = super::Frame> + Send + use<>> {
     let subject = filter.subject();
     let selection = Selection {
         filter,
         accounts: Accounts::default(),
         pool,
     };
-    super::feed(hub, subject, after, selection)
+    super::feed(hub, subject, after, selection).await
 }

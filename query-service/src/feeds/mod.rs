@@ -11,8 +11,9 @@
 //!   deleted by the server) once the connection has caught up, and the connection switches to
 //!   the shared ring. Every message's `id:` is its JetStream stream sequence, so the switch
 //!   drops what was already sent: no gap, no duplicate.
-//! - **Bounded memory**: the ring holds `buffer` messages and each connection a channel of
-//!   [`CONNECTION_BUFFER`] frames; a connection whose client reads too slowly falls behind the
+//! - **Bounded memory**: the ring holds `buffer` messages; a connection's feed is polled by the
+//!   connection itself (the log feed, which also follows the job's events, has a task and a
+//!   channel of [`CONNECTION_BUFFER`] frames); a connection whose client reads too slowly falls behind the
 //!   ring, gets a `reset` event naming the last id it was sent (where to resume with
 //!   `Last-Event-ID`), and is closed.
 //! - Keep-alive comments every 15 s; every feed ends when the server shuts down.
@@ -24,7 +25,6 @@ pub mod telemetry;
 use std::borrow::Cow;
 use std::marker::PhantomData;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer};
@@ -37,7 +37,7 @@ use tokio::sync::{broadcast, mpsc, watch};
 /// The keep-alive comment period.
 pub const KEEP_ALIVE: Duration = Duration::from_secs(15);
 
-/// Frames queued per connection between its producer task and the socket.
+/// Frames queued between a log feed's task and its socket.
 pub const CONNECTION_BUFFER: usize = 64;
 
 /// One SSE message, rendered once and shared by every connection that sends it.
@@ -179,9 +179,6 @@ pub struct Fanout<M> {
     /// The stream sequence after which the ring has every message (`None` until the shared
     /// subscription is up).
     covered_from: watch::Sender<Option<u64>>,
-    /// The last stream sequence the shared subscription handed to the ring (or, before
-    /// the first, where it started): where a live-only connection starts.
-    delivered: Arc<AtomicU64>,
     shutdown: watch::Receiver<bool>,
 }
 
@@ -193,7 +190,6 @@ impl<M> Clone for Fanout<M> {
             subjects: self.subjects.clone(),
             ring: self.ring.clone(),
             covered_from: self.covered_from.clone(),
-            delivered: self.delivered.clone(),
             shutdown: self.shutdown.clone(),
         }
     }
@@ -221,7 +217,6 @@ impl<M: Message> Fanout<M> {
             subjects: subjects.into(),
             ring,
             covered_from: watch::channel(None).0,
-            delivered: Arc::new(AtomicU64::new(0)),
             shutdown,
         };
         tokio::spawn(fanout.clone().follow());
@@ -285,7 +280,6 @@ impl<M: Message> Fanout<M> {
             .await?;
         let mut messages = consumer.messages().await?;
         *last = Some(from);
-        self.delivered.fetch_max(from, Ordering::AcqRel);
         self.covered(from);
         let mut shutdown = self.shutdown.clone();
         loop {
@@ -297,21 +291,27 @@ impl<M: Message> Fanout<M> {
                     match Entry::decode(&message) {
                         Ok(entry) => {
                             *last = Some(entry.sequence);
-                            let sequence = entry.sequence;
                             // No receiver is fine: nobody is listening.
                             let _ = self.ring.send(Arc::new(entry));
-                            self.delivered.store(sequence, Ordering::Release);
                         }
                         Err(error) => {
                             // Not ours to judge: skip what does not decode, keep the rest flowing.
                             let sequence = message.info().map(|i| i.stream_sequence).unwrap_or(0);
                             tracing::warn!(stream = %self.stream, sequence, %error, "undecodable message skipped by the feed");
                             *last = Some(sequence.max(last.unwrap_or(0)));
-                            self.delivered.fetch_max(sequence, Ordering::AcqRel);
                         }
                     }
                 }
             }
+        }
+    }
+
+    /// The stream's last sequence now (0 before the first message, or without the stream).
+    pub async fn now(&self) -> anyhow::Result<u64> {
+        match self.jetstream.get_stream(&self.stream).await {
+            Ok(mut stream) => Ok(stream.info().await?.state.last_sequence),
+            Err(error) if stream_not_found(&error) => Ok(0),
+            Err(error) => Err(anyhow::anyhow!("{error}")),
         }
     }
 
@@ -482,77 +482,127 @@ pub trait Select<M>: Send + 'static {
 
 /// The common feed: the stored messages on `subject` after `after` (when given), then live
 /// from the ring, those `select` accepts, each once, in stream order; a `reset` if the
-/// client falls behind. Without `after` the feed starts at the present: what the shared
-/// subscription hands the ring after the connection subscribed (no JetStream request at all).
-pub fn feed<M: Message, S: Select<M>>(
+/// client falls behind. Without `after` the feed starts after the stream's end at connect
+/// time, straight from the ring (no catch-up consumer).
+///
+/// The stream is polled by the connection itself (no task, no channel per connection): a
+/// client that stops reading stops the polling, falls behind the ring, and on its next read
+/// gets the `reset`.
+pub async fn feed<M: Message, S: Select<M>>(
     fanout: &Fanout<M>,
     subject: String,
     after: Option<u64>,
-    mut select: S,
-) -> impl Stream<Item = Frame> + Send + use<M, S> {
-    let mut live = fanout.subscribe();
-    let fanout = fanout.clone();
-    frames(move |tx| async move {
-        if !live.ready().await {
-            return;
-        }
-        let mut last = match after {
-            // Read after subscribing: everything after it reaches this connection's receiver.
-            None => fanout.delivered.load(Ordering::Acquire),
-            Some(after) => {
-                let mut last = after;
-                let caught_up = async {
-                    let mut catch_up = fanout.catch_up(subject, after).await?;
-                    while let Some(entry) = catch_up.next().await? {
-                        if select.accepts(&entry.message).await {
-                            tx.send(entry.frame.clone()).await?;
-                        }
-                        last = last.max(entry.sequence);
-                    }
-                    last = last.max(catch_up.end());
-                    anyhow::Ok(())
-                };
-                if let Err(error) = caught_up.await {
-                    tracing::debug!(%error, "catching a feed up failed");
-                    return;
-                }
-                last
-            }
-        };
-        forward_live(&mut live, &tx, &mut last, &mut select).await;
-    })
+    select: S,
+) -> anyhow::Result<impl Stream<Item = Frame> + Send + use<M, S>> {
+    let live = fanout.subscribe();
+    // Without `after`: the stream's end now, read after subscribing (everything after it
+    // reaches the receiver) and at connect time, not when the body is first polled.
+    let start = match after {
+        Some(after) => Start::CatchUp(after),
+        None => Start::Live(fanout.now().await?),
+    };
+    let state = FeedState {
+        live,
+        fanout: fanout.clone(),
+        select,
+        subject,
+        last: 0,
+        phase: Phase::Start(start),
+    };
+    Ok(futures::stream::unfold(state, |mut state| async move {
+        let frame = state.next().await?;
+        Some((frame, state))
+    }))
 }
 
-/// Sends the live messages after `last` that `select` accepts until the client goes, the
-/// server shuts down, or the client falls behind (then a `reset`).
-async fn forward_live<M: Message, S: Select<M>>(
-    live: &mut Live<M>,
-    tx: &mpsc::Sender<Frame>,
-    last: &mut u64,
-    select: &mut S,
-) {
-    loop {
-        let next = tokio::select! {
-            () = tx.closed() => return,
-            next = live.next() => next,
-        };
-        match next {
-            Next::Entry(entry) => {
-                if entry.sequence <= *last {
-                    continue;
+enum Start {
+    /// Send the stored messages after this sequence, then live.
+    CatchUp(u64),
+    /// Live after this sequence (the stream's end at connect).
+    Live(u64),
+}
+
+enum Phase<M> {
+    Start(Start),
+    /// Boxed: a live connection does not carry a catch-up's size.
+    CatchingUp(Box<CatchUp<M>>),
+    Live,
+    Done,
+}
+
+struct FeedState<M, S> {
+    fanout: Fanout<M>,
+    live: Live<M>,
+    select: S,
+    subject: String,
+    /// The last stream sequence covered (sent, or not selected).
+    last: u64,
+    phase: Phase<M>,
+}
+
+impl<M: Message, S: Select<M>> FeedState<M, S> {
+    async fn next(&mut self) -> Option<Frame> {
+        loop {
+            match std::mem::replace(&mut self.phase, Phase::Done) {
+                Phase::Done => return None,
+                Phase::Start(start) => {
+                    if !self.live.ready().await {
+                        return None;
+                    }
+                    // The ring has everything after where the shared subscription started; a
+                    // live start before that (the service just started) catches up the rest.
+                    let covered = (*self.live.covered.borrow()).unwrap_or(0);
+                    match start {
+                        Start::Live(now) if now >= covered => {
+                            self.last = now;
+                            self.phase = Phase::Live;
+                        }
+                        Start::Live(after) | Start::CatchUp(after) => {
+                            self.last = after;
+                            match self.fanout.catch_up(self.subject.clone(), after).await {
+                                Ok(catch_up) => self.phase = Phase::CatchingUp(Box::new(catch_up)),
+                                Err(error) => {
+                                    tracing::debug!(%error, "catching a feed up failed");
+                                    return None;
+                                }
+                            }
+                        }
+                    }
                 }
-                *last = entry.sequence;
-                if select.accepts(&entry.message).await
-                    && tx.send(entry.frame.clone()).await.is_err()
-                {
-                    return;
-                }
+                Phase::CatchingUp(mut catch_up) => match catch_up.next().await {
+                    Ok(Some(entry)) => {
+                        self.last = self.last.max(entry.sequence);
+                        self.phase = Phase::CatchingUp(catch_up);
+                        if self.select.accepts(&entry.message).await {
+                            return Some(entry.frame);
+                        }
+                    }
+                    // Caught up: the catch-up (and its consumer) goes.
+                    Ok(None) => {
+                        self.last = self.last.max(catch_up.end());
+                        self.phase = Phase::Live;
+                    }
+                    Err(error) => {
+                        tracing::debug!(%error, "catching a feed up failed");
+                        return None;
+                    }
+                },
+                Phase::Live => match self.live.next().await {
+                    Next::Entry(entry) => {
+                        self.phase = Phase::Live;
+                        if entry.sequence <= self.last {
+                            continue;
+                        }
+                        self.last = entry.sequence;
+                        if self.select.accepts(&entry.message).await {
+                            return Some(entry.frame.clone());
+                        }
+                    }
+                    // Then `Done`: the connection closes after the reset.
+                    Next::Lagged => return Some(Frame::reset(self.last)),
+                    Next::Closed => return None,
+                },
             }
-            Next::Lagged => {
-                let _ = tx.send(Frame::reset(*last)).await;
-                return;
-            }
-            Next::Closed => return,
         }
     }
 }

@@ -37,15 +37,15 @@ impl Select<Sample> for Executor {
 
 /// The samples of `executor_id`'s GPUs (every GPU's without one) after stream sequence
 /// `after` (the stored ones first, then live), or from now on without it.
-pub fn feed(
+pub async fn feed(
     hub: &TelemetryHub,
     executor_id: Option<String>,
     after: Option<u64>,
-) -> impl futures::Stream<Item = Frame> + Send + use<> {
+) -> anyhow::Result<impl futures::Stream<Item = Frame> + Send + use<>> {
     let subject = format!(
         "{}.{}.*",
         overfly_schemas::subjects::TELEMETRY_PREFIX,
         executor_id.as_deref().unwrap_or("*")
     );
-    super::feed(hub, subject, after, Executor(executor_id))
+    super::feed(hub, subject, after, Executor(executor_id)).await
 }
