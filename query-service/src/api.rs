@@ -4,7 +4,6 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use poem_openapi::param::{Header, Path, Query};
-use poem_openapi::payload::EventStream;
 use poem_openapi::payload::Json;
 use poem_openapi::{Object, OpenApi, Tags, Union};
 use sqlx::PgPool;
@@ -92,16 +91,13 @@ pub enum TelemetryFeedMessage {
     Reset(crate::feeds::Reset),
 }
 
-type Feed<U> = EventStream<futures::stream::BoxStream<'static, crate::feeds::Rendered<U>>>;
+type Feed<U> = crate::feeds::SseFeed<U>;
 
 /// A feed's frames as an SSE response, with keep-alive comments.
-fn sse<U: poem_openapi::types::Type + 'static>(
+fn sse<U: poem_openapi::types::Type>(
     frames: impl futures::Stream<Item = crate::feeds::Frame> + Send + 'static,
 ) -> Feed<U> {
-    let rendered = futures::StreamExt::map(frames, crate::feeds::Rendered::new);
-    EventStream::new(futures::StreamExt::boxed(rendered))
-        .keep_alive(crate::feeds::KEEP_ALIVE)
-        .to_event(|message| message.0.to_sse())
+    crate::feeds::SseFeed::new(frames)
 }
 
 fn bad(param: &str, detail: impl Into<String>) -> ApiError {

@@ -22,16 +22,19 @@ pub mod events;
 pub mod logs;
 pub mod telemetry;
 
-use std::borrow::Cow;
 use std::marker::PhantomData;
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer};
 use futures::{Stream, StreamExt};
+use poem_openapi::ApiResponse;
 use poem_openapi::Object;
-use poem_openapi::registry::{MetaSchemaRef, Registry};
-use poem_openapi::types::{ToJSON, Type};
+use poem_openapi::payload::Payload;
+use poem_openapi::registry::{
+    MetaMediaType, MetaResponse, MetaResponses, MetaSchema, MetaSchemaRef, Registry,
+};
+use poem_openapi::types::Type;
 use tokio::sync::{broadcast, mpsc, watch};
 
 /// The keep-alive comment period.
@@ -47,18 +50,40 @@ pub struct Frame {
     pub id: Option<u64>,
     /// `event:`.
     pub event: Arc<str>,
-    /// `data:`: JSON.
+    /// `data:`: JSON (one line: JSON strings escape their newlines).
     pub data: Arc<str>,
+    /// The whole message as sent (`id:`, `event:`, `data:`, blank line): connections share
+    /// these bytes, none formats or copies them.
+    pub wire: bytes::Bytes,
 }
 
 impl Frame {
     pub fn new(id: Option<u64>, event: impl Into<Arc<str>>, data: &impl serde::Serialize) -> Self {
-        Self {
+        Self::rendered(
             id,
-            event: event.into(),
-            data: serde_json::to_string(data)
+            event.into(),
+            serde_json::to_string(data)
                 .expect("feed messages serialize")
                 .into(),
+        )
+    }
+
+    fn rendered(id: Option<u64>, event: Arc<str>, data: Arc<str>) -> Self {
+        use std::fmt::Write;
+        let mut wire = String::with_capacity(data.len() + event.len() + 32);
+        if let Some(id) = id {
+            let _ = writeln!(wire, "id: {id}");
+        }
+        let _ = writeln!(wire, "event: {event}");
+        for line in data.lines() {
+            let _ = writeln!(wire, "data: {line}");
+        }
+        wire.push('\n');
+        Self {
+            id,
+            event,
+            data,
+            wire: wire.into(),
         }
     }
 
@@ -73,14 +98,6 @@ impl Frame {
             }),
         )
     }
-
-    pub fn to_sse(&self) -> poem::web::sse::Event {
-        let event = poem::web::sse::Event::message(&*self.data).event_type(&*self.event);
-        match self.id {
-            Some(id) => event.id(id.to_string()),
-            None => event,
-        }
-    }
 }
 
 /// The body of a `reset` message.
@@ -91,47 +108,77 @@ pub struct Reset {
     pub reason: String,
 }
 
-/// A feed's frames, described in the OpenAPI document as `U` (the union of what the feed
-/// sends) while the bytes are the ones rendered once by the fan-out.
-pub struct Rendered<U>(pub Frame, PhantomData<fn() -> U>);
+/// A feed as an HTTP response: `text/event-stream` of the frames' shared bytes, with a
+/// keep-alive comment every [`KEEP_ALIVE`]; described in the OpenAPI document as a stream of
+/// `U` (the union of what the feed sends).
+pub struct SseFeed<U> {
+    frames: futures::stream::BoxStream<'static, Frame>,
+    _described_as: PhantomData<fn() -> U>,
+}
 
-impl<U> Rendered<U> {
-    pub fn new(frame: Frame) -> Self {
-        Self(frame, PhantomData)
+impl<U> SseFeed<U> {
+    pub fn new(frames: impl Stream<Item = Frame> + Send + 'static) -> Self {
+        Self {
+            frames: frames.boxed(),
+            _described_as: PhantomData,
+        }
     }
 }
 
-impl<U: Type> Type for Rendered<U> {
-    const IS_REQUIRED: bool = true;
-    type RawValueType = Self;
-    type RawElementValueType = Self;
-
-    fn name() -> Cow<'static, str> {
-        U::name()
-    }
+impl<U: Type> Payload for SseFeed<U> {
+    const CONTENT_TYPE: &'static str = "text/event-stream";
 
     fn schema_ref() -> MetaSchemaRef {
-        U::schema_ref()
+        MetaSchemaRef::Inline(Box::new(MetaSchema {
+            items: Some(Box::new(U::schema_ref())),
+            ..MetaSchema::new_with_format("array", "event-stream")
+        }))
     }
 
     fn register(registry: &mut Registry) {
         U::register(registry);
     }
+}
 
-    fn as_raw_value(&self) -> Option<&Self::RawValueType> {
-        Some(self)
-    }
-
-    fn raw_element_iter<'a>(
-        &'a self,
-    ) -> Box<dyn Iterator<Item = &'a Self::RawElementValueType> + 'a> {
-        Box::new(std::iter::once(self))
+impl<U: Type> poem::IntoResponse for SseFeed<U> {
+    fn into_response(self) -> poem::Response {
+        let comment = bytes::Bytes::from_static(b":\n\n");
+        let mut frames = self.frames;
+        let mut keep_alive =
+            tokio::time::interval_at(tokio::time::Instant::now() + KEEP_ALIVE, KEEP_ALIVE);
+        let body = futures::stream::poll_fn(move |cx| {
+            if let std::task::Poll::Ready(frame) = frames.poll_next_unpin(cx) {
+                keep_alive.reset();
+                return std::task::Poll::Ready(frame.map(|f| Ok::<_, std::io::Error>(f.wire)));
+            }
+            keep_alive.poll_tick(cx).map(|_| Some(Ok(comment.clone())))
+        });
+        poem::Response::builder()
+            .content_type("text/event-stream")
+            .header("X-Accel-Buffering", "no")
+            .header("Cache-Control", "no-cache")
+            .body(poem::Body::from_bytes_stream(body))
     }
 }
 
-impl<U: Type> ToJSON for Rendered<U> {
-    fn to_json(&self) -> Option<serde_json::Value> {
-        serde_json::from_str(&self.0.data).ok()
+impl<U: Type> ApiResponse for SseFeed<U> {
+    fn meta() -> MetaResponses {
+        MetaResponses {
+            responses: vec![MetaResponse {
+                description: "",
+                status: Some(200),
+                status_range: None,
+                content: vec![MetaMediaType {
+                    content_type: Self::CONTENT_TYPE,
+                    schema: Self::schema_ref(),
+                }],
+                headers: vec![],
+            }],
+        }
+    }
+
+    fn register(registry: &mut Registry) {
+        U::register(registry);
     }
 }
 
@@ -157,11 +204,11 @@ impl<M: Message> Entry<M> {
             .map_err(|e| anyhow::anyhow!("{e}"))?
             .stream_sequence;
         let decoded = M::decode(sequence, &message.payload)?;
-        let frame = Frame {
-            id: Some(sequence),
-            event: decoded.event_type().into(),
-            data: decoded.render().into(),
-        };
+        let frame = Frame::rendered(
+            Some(sequence),
+            decoded.event_type().into(),
+            decoded.render().into(),
+        );
         Ok(Self {
             sequence,
             message: decoded,
