@@ -270,10 +270,6 @@ impl<M: Message> Fanout<M> {
         fanout
     }
 
-    pub fn shutdown(&self) -> watch::Receiver<bool> {
-        self.shutdown.clone()
-    }
-
     /// Feeds the ring from one ordered consumer, from the stream's tail at the start and then
     /// contiguously: after an error it resumes right after the last message it delivered.
     async fn follow(self) {
