@@ -443,3 +443,57 @@ impl Drop for KillOnDrop {
         let _ = self.0.wait();
     }
 }
+
+/// A quiet feed gets keep-alive comments; server shutdown ends every live feed cleanly (the
+/// response ends; nothing hangs) and the server stops.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn quiet_feeds_get_keep_alives_and_shutdown_ends_every_feed() {
+    let db = overfly_testkit::TestDb::create().await;
+    let nats = overfly_testkit::TestNats::start().await;
+    let cli = overfly_query_service::config::Cli::parse_from([
+        "overfly-query",
+        "--database-url",
+        &db.url,
+        "--nats-url",
+        &nats.url(),
+        "--addr",
+        "127.0.0.1:0",
+    ]);
+    let app = overfly_query_service::app::Application::build(&cli.config)
+        .await
+        .unwrap();
+    let base = format!("http://{}", app.local_addr());
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(app.run_until(async {
+        let _ = stopped.await;
+    }));
+    let http = reqwest::Client::new();
+    // A quiet feed sends a keep-alive comment every 15 s.
+    let mut quiet = http.get(format!("{base}/stream")).send().await.unwrap();
+    let started = std::time::Instant::now();
+    let comment = tokio::time::timeout(Duration::from_secs(20), quiet.chunk())
+        .await
+        .expect("a keep-alive within 20 s")
+        .unwrap()
+        .unwrap();
+    assert_eq!(&comment[..], b":\n\n");
+    assert!(
+        started.elapsed() >= Duration::from_secs(14),
+        "not before its period"
+    );
+    drop(quiet);
+    let mut feeds = Vec::new();
+    for path in ["/stream", "/gpus/stream", "/stream?aggregate_type=job"] {
+        feeds.push(Sse::connect(&http, &format!("{base}{path}"), None).await);
+    }
+    stop.send(()).unwrap();
+    for mut feed in feeds {
+        // `to_end` panics if the stream stays open; nothing was published, so nothing comes.
+        assert!(feed.to_end(Duration::from_secs(10)).await.is_empty());
+    }
+    tokio::time::timeout(Duration::from_secs(10), server)
+        .await
+        .expect("the server stopped")
+        .unwrap()
+        .unwrap();
+}
