@@ -341,7 +341,15 @@ done
 if [ -n "${JOB[tiles]:-}" ]; then
   step "log feed: the last 4 lines of tiles-eu-west, then its end (GET /jobs/{id}/logs?tail=4&follow=true)"
   out="$(curl -sSN --max-time 10 "$QUERY_URL/jobs/${JOB[tiles]}/logs?tail=4&follow=true" 2>&1)" || true
-  printf '%s\n' "$out" | grep -E '^(id|event):|"line"' | sed -E 's/.*"line":"([^"]*)".*/      \1/; s/^/    /' | head -n 20
+  printf '%s\n' "$out" | while IFS= read -r sse; do
+    case "$sse" in
+      id:* | event:*) printf '    %s\n' "$sse" ;;
+      data:*)
+        if have jq; then
+          printf '%s\n' "${sse#data: }" | jq -r 'if .lines then .lines[] | "      \(.n) \(.stream): \(.line)" else "      \(.)" end' 2>/dev/null
+        else printf '      %s\n' "${sse#data: }"; fi ;;
+    esac
+  done | head -n 24
   if printf '%s\n' "$out" | grep -q '^event: *end'; then ok "the feed ended with event: end (the job is finished)"; else fail "no end event in the log feed"; fi
 fi
 step "telemetry feed: gpu-host-1's GPUs live for 2 s (GET /executors/gpu-host-1/telemetry)"
