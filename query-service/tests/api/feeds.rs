@@ -5,7 +5,6 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use clap::Parser;
 use serde_json::{Value, json};
 
 use overfly_testkit::sse::Sse;
@@ -306,20 +305,7 @@ async fn a_client_that_reads_nothing_while_100k_events_pass_leaves_memory_bounde
     const EVENTS: i64 = 100_000;
     let db = overfly_testkit::TestDb::create().await;
     let nats = overfly_testkit::TestNats::start().await;
-    let command_cli = overfly_command_service::config::Cli::parse_from([
-        "overfly-command",
-        "--database-url",
-        &db.url,
-        "--nats-url",
-        &nats.url(),
-        "--addr",
-        "127.0.0.1:0",
-        "--scheduler-enabled",
-        "false",
-    ]);
-    let command_app = overfly_command_service::app::Application::build(&command_cli.config)
-        .await
-        .unwrap();
+    let command_app = crate::helpers::command_app(&db, &nats).await;
     let command = command_app.local_addr();
     let command_task = tokio::spawn(command_app.run_until(std::future::pending()));
     let port = overfly_testkit::free_port();
@@ -450,18 +436,7 @@ impl Drop for KillOnDrop {
 async fn quiet_feeds_get_keep_alives_and_shutdown_ends_every_feed() {
     let db = overfly_testkit::TestDb::create().await;
     let nats = overfly_testkit::TestNats::start().await;
-    let cli = overfly_query_service::config::Cli::parse_from([
-        "overfly-query",
-        "--database-url",
-        &db.url,
-        "--nats-url",
-        &nats.url(),
-        "--addr",
-        "127.0.0.1:0",
-    ]);
-    let app = overfly_query_service::app::Application::build(&cli.config)
-        .await
-        .unwrap();
+    let app = crate::helpers::query_app(&db, &nats, &[]).await;
     let base = format!("http://{}", app.local_addr());
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(app.run_until(async {

@@ -50,41 +50,19 @@ pub async fn spawn_stack_full(wait_ms: u64, feed_buffer: usize) -> Stack {
     TELEMETRY.get_or_init(|| overfly_infra::telemetry::init("overfly-query-test").unwrap());
     let db = TestDb::create().await;
     let nats = TestNats::start().await;
-    let command_cli = overfly_command_service::config::Cli::parse_from([
-        "overfly-command",
-        "--database-url",
-        &db.url,
-        "--nats-url",
-        &nats.url(),
-        "--addr",
-        "127.0.0.1:0",
-        // Automatic retries after 1 s (not 10), so a test can wait out a backoff.
-        "--retry-base-s",
-        "1",
-        // Runs are assigned by hand, as the scheduler would.
-        "--scheduler-enabled",
-        "false",
-    ]);
-    let command_app = overfly_command_service::app::Application::build(&command_cli.config)
-        .await
-        .unwrap();
+    let command_app = command_app(&db, &nats).await;
     let command = command_app.local_addr();
-    let query_cli = overfly_query_service::config::Cli::parse_from([
-        "overfly-query",
-        "--database-url",
-        &db.url,
-        "--addr",
-        "127.0.0.1:0",
-        "--read-your-writes-wait-ms",
-        &wait_ms.to_string(),
-        "--nats-url",
-        &nats.url(),
-        "--feed-buffer",
-        &feed_buffer.to_string(),
-    ]);
-    let query_app = overfly_query_service::app::Application::build(&query_cli.config)
-        .await
-        .unwrap();
+    let query_app = query_app(
+        &db,
+        &nats,
+        &[
+            "--read-your-writes-wait-ms",
+            &wait_ms.to_string(),
+            "--feed-buffer",
+            &feed_buffer.to_string(),
+        ],
+    )
+    .await;
     let query = query_app.local_addr();
     let pool = PgPool::connect(&db.url).await.unwrap();
     let projection = JobsProjection::new(
@@ -122,6 +100,52 @@ pub async fn spawn_stack_full(wait_ms: u64, feed_buffer: usize) -> Stack {
         _nats: nats,
         _db: db,
     }
+}
+
+/// The command service (with its relay; runs are assigned by hand, as the scheduler would;
+/// automatic retries after 1 s, not 10, so a test can wait out a backoff), on port 0.
+pub async fn command_app(
+    db: &TestDb,
+    nats: &TestNats,
+) -> overfly_command_service::app::Application {
+    let cli = overfly_command_service::config::Cli::parse_from([
+        "overfly-command",
+        "--database-url",
+        &db.url,
+        "--nats-url",
+        &nats.url(),
+        "--addr",
+        "127.0.0.1:0",
+        "--retry-base-s",
+        "1",
+        "--scheduler-enabled",
+        "false",
+    ]);
+    overfly_command_service::app::Application::build(&cli.config)
+        .await
+        .unwrap()
+}
+
+/// The query service on port 0, with `extra` flags.
+pub async fn query_app(
+    db: &TestDb,
+    nats: &TestNats,
+    extra: &[&str],
+) -> overfly_query_service::app::Application {
+    let mut args = vec![
+        "overfly-query".to_string(),
+        "--database-url".into(),
+        db.url.clone(),
+        "--nats-url".into(),
+        nats.url(),
+        "--addr".into(),
+        "127.0.0.1:0".into(),
+    ];
+    args.extend(extra.iter().map(|a| a.to_string()));
+    let cli = overfly_query_service::config::Cli::parse_from(args);
+    overfly_query_service::app::Application::build(&cli.config)
+        .await
+        .unwrap()
 }
 
 pub fn job_body(n: usize) -> Value {
