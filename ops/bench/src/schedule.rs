@@ -23,10 +23,11 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail, ensure};
 use chrono::{DateTime, Utc};
 use clap::Parser;
+use overfly_bench::{Processes, free_port, percentile, wait_port, wait_ready, with_database};
 use serde::Serialize;
 use serde_json::{Value, json};
 use sqlx::{Connection, PgConnection};
-use tokio::process::{Child, Command};
+use tokio::process::Command;
 use uuid::Uuid;
 
 const GOAL_JOBS_PER_S: f64 = 500.0;
@@ -73,67 +74,6 @@ struct Args {
     /// Scratch directory (NATS store, executors' work dirs, logs).
     #[arg(long, default_value = ".overfly/bench-schedule")]
     state: PathBuf,
-}
-
-/// Child processes, killed on drop.
-struct Processes(Vec<Child>);
-
-impl Drop for Processes {
-    fn drop(&mut self) {
-        for child in &mut self.0 {
-            let _ = child.start_kill();
-        }
-    }
-}
-
-fn with_database(url: &str, db: &str) -> String {
-    let (base, query) = url.split_once('?').map_or((url, ""), |(b, q)| (b, q));
-    let (scheme, rest) = base.split_once("://").unwrap_or(("postgres", base));
-    let host = rest.split('/').next().unwrap_or(rest);
-    let query = if query.is_empty() {
-        String::new()
-    } else {
-        format!("?{query}")
-    };
-    format!("{scheme}://{host}/{db}{query}")
-}
-
-async fn wait_port(port: u16) -> Result<()> {
-    for _ in 0..100 {
-        if tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .is_ok()
-        {
-            return Ok(());
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    bail!("nats-server did not start on port {port}")
-}
-
-fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-
-async fn wait_ready(url: &str, child: &mut Child, what: &str) -> Result<()> {
-    let http = reqwest::Client::new();
-    for _ in 0..600 {
-        if http
-            .get(url)
-            .send()
-            .await
-            .is_ok_and(|r| r.status().is_success())
-        {
-            return Ok(());
-        }
-        if let Some(status) = child.try_wait()? {
-            bail!("{what} exited while starting: {status}");
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    bail!("{what} not ready after 60 s")
 }
 
 struct Service {
@@ -546,15 +486,6 @@ async fn wait_succeeded(db_url: &str, ids: &[String], patience: Duration) -> Res
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-}
-
-fn percentile(values: &mut [f64], p: f64) -> f64 {
-    if values.is_empty() {
-        return f64::NAN;
-    }
-    values.sort_by(f64::total_cmp);
-    let rank = (p / 100.0 * values.len() as f64).ceil() as usize;
-    values[rank.clamp(1, values.len()) - 1]
 }
 
 /// The figures of the jobs submitted since `from`, from their events.

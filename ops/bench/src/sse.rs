@@ -66,16 +66,17 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::{Context, Result, ensure};
 use chrono::{DateTime, Utc};
 use clap::Parser;
 use futures::StreamExt;
+use overfly_bench::{Processes, free_port, percentile, wait_port, wait_ready, with_database};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use sqlx::{Connection, PgConnection};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::process::{Child, ChildStdin, Command};
+use tokio::process::{ChildStdin, Command};
 use tokio::sync::{Semaphore, broadcast, watch};
 
 const GOAL_CLIENTS: usize = 10_000;
@@ -140,64 +141,6 @@ struct Args {
 
 // ---------------------------------------------------------------------------------------------
 // Processes.
-
-/// Child processes, killed on drop.
-struct Processes(Vec<Child>);
-
-impl Drop for Processes {
-    fn drop(&mut self) {
-        for child in &mut self.0 {
-            let _ = child.start_kill();
-        }
-    }
-}
-
-fn with_database(url: &str, db: &str) -> String {
-    let (base, query) = url.split_once('?').map_or((url, ""), |(b, q)| (b, q));
-    let (scheme, rest) = base.split_once("://").unwrap_or(("postgres", base));
-    let host = rest.split('/').next().unwrap_or(rest);
-    let query = if query.is_empty() {
-        String::new()
-    } else {
-        format!("?{query}")
-    };
-    format!("{scheme}://{host}/{db}{query}")
-}
-
-fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-
-async fn wait_port(port: u16) -> Result<()> {
-    for _ in 0..100 {
-        if TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
-            return Ok(());
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    bail!("nats-server did not start on port {port}")
-}
-
-async fn wait_ready(url: &str, child: &mut Child, what: &str) -> Result<()> {
-    let http = reqwest::Client::new();
-    for _ in 0..600 {
-        if http
-            .get(url)
-            .send()
-            .await
-            .is_ok_and(|r| r.status().is_success())
-        {
-            return Ok(());
-        }
-        if let Some(status) = child.try_wait()? {
-            bail!("{what} exited while starting: {status}");
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    bail!("{what} not ready after 60 s")
-}
 
 /// Resident set of a process, KiB (`VmRSS`).
 fn rss_kib(pid: u32) -> Result<u64> {
@@ -341,15 +284,6 @@ struct RoundReport {
     server_released_s: f64,
     /// CPU of the server while every client was connected and no event came (the settle time).
     server_idle_cpu_cores: f64,
-}
-
-fn percentile(values: &mut [f64], p: f64) -> f64 {
-    if values.is_empty() {
-        return f64::NAN;
-    }
-    values.sort_by(f64::total_cmp);
-    let rank = (p / 100.0 * values.len() as f64).ceil() as usize;
-    values[rank.clamp(1, values.len()) - 1]
 }
 
 fn median(mut values: Vec<f64>) -> f64 {
